@@ -1,0 +1,41 @@
+"""The `slofleet` console command: the composition root of the runtimes.
+
+Each subcommand lives in its runtime's `cli` module, which defines `configure(parser)` (arguments
+only, cheap to import) and `run(args) -> int` (imports the heavy parts). This module is the one
+place allowed to reach into every runtime; tests/test_architecture.py exempts it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from slofleet import __version__
+
+# subcommand -> (module with configure/run, one-line help)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "tiny-model": ("slofleet.tinymodel_cli", "write a seeded random-weight Llama model and tokenizer"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="slofleet", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"slofleet {__version__}")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        module = importlib.import_module(module_name)
+        sub = subparsers.add_parser(name, help=help_text, description=help_text)
+        module.configure(sub)
+        sub.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args._run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
