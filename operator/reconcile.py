@@ -1,0 +1,185 @@
+"""Reconcile one LLMService: read it, apply what `render_all` wants, write status, report events.
+
+Plain async functions (no kopf decorators; handlers.py calls them). Level-triggered: every call
+reads the LLMService and its objects afresh and converges from whatever it finds, so a restart
+mid-way, a concurrent call or a deleted Deployment all end in the same state, and an object is
+written only when it differs from the desired one (no duplicates, no churn).
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from slofleet.operator.kube import KINDS, LLMSERVICE, ApiError, KubeClient
+from slofleet.operator.render import Images, engine_name, engine_selector, gateway_endpoint, render_all
+from slofleet.operator.status import (
+    Condition,
+    build_status,
+    condition,
+    deployment_conditions,
+    invalid_conditions,
+    status_changed,
+)
+
+from slofleet.spec import SpecError, parse_llmservice, semantic_problems
+
+log = logging.getLogger(__name__)
+
+# (event type "Normal"/"Warning", reason, message) about the LLMService.
+Emit = Callable[[str, str, str], None]
+Action = Literal["created", "updated", "unchanged"]
+
+
+class OwnershipConflict(Exception):
+    """An object with the name we need exists and belongs to someone else: never take it over."""
+
+
+@dataclass
+class Outcome:
+    actions: list[str] = field(default_factory=list)
+    # Set when the spec cannot run: the reason and the message that names the field.
+    invalid: tuple[str, str] | None = None
+    status: dict[str, Any] | None = None
+    found: bool = True
+
+
+def now_rfc3339() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def is_subset(desired: Any, current: Any) -> bool:
+    """Whether `current` already holds every field of `desired` (the server may add defaults)."""
+    if isinstance(desired, Mapping):
+        return isinstance(current, Mapping) and all(
+            key in current and is_subset(value, current[key]) for key, value in desired.items()
+        )
+    if isinstance(desired, list):
+        return (
+            isinstance(current, list)
+            and len(desired) == len(current)
+            and all(is_subset(d, c) for d, c in zip(desired, current, strict=True))
+        )
+    return bool(desired == current)
+
+
+def _controller_uid(obj: Mapping[str, Any]) -> str | None:
+    for ref in obj.get("metadata", {}).get("ownerReferences", []) or []:
+        if ref.get("controller"):
+            return str(ref.get("uid"))
+    return None
+
+
+async def apply_object(
+    kube: KubeClient, desired: dict[str, Any], owner_uid: str
+) -> tuple[Action, dict[str, Any]]:
+    """Create `desired` or merge-patch it into the existing object; no write when nothing differs."""
+    kind = KINDS[desired["kind"]]
+    meta = desired["metadata"]
+    namespace, name = meta["namespace"], meta["name"]
+    current = await kube.get(kind, namespace, name)
+    if current is None:
+        try:
+            return "created", await kube.create(kind, namespace, desired)
+        except ApiError as exc:
+            if exc.status != 409:  # 409: a concurrent reconcile created it first; patch it below
+                raise
+            current = await kube.get(kind, namespace, name)
+            if current is None:
+                raise
+    if _controller_uid(current) != owner_uid:
+        raise OwnershipConflict(
+            f"{kind.kind} {namespace}/{name} exists and is not controlled by this LLMService; "
+            f"delete or rename it"
+        )
+    if is_subset(desired, current):
+        return "unchanged", current
+    return "updated", await kube.patch(kind, namespace, name, desired)
+
+
+def _report_transitions(before: Mapping[str, Any] | None, after: Mapping[str, Any], emit: Emit) -> None:
+    """One event per condition change, never one per reconcile: events stay readable."""
+    for cond in after.get("conditions", []):
+        old = condition(before, cond["type"])
+        if old is not None and old.get("status") == cond["status"] and old.get("reason") == cond["reason"]:
+            continue
+        if cond["type"] == "Degraded" and cond["status"] == "True":
+            emit("Warning", cond["reason"], cond["message"])
+        elif cond["type"] == "Ready" and cond["status"] == "True":
+            emit("Normal", "Ready", cond["message"])
+
+
+async def _write_status(
+    kube: KubeClient,
+    obj: Mapping[str, Any],
+    conditions: list[Condition],
+    deployment: Mapping[str, Any] | None,
+    emit: Emit,
+) -> dict[str, Any]:
+    meta = obj["metadata"]
+    previous = obj.get("status") or {}
+    service_name = meta["name"]
+    status = build_status(
+        previous=previous,
+        conditions=conditions,
+        observed_generation=meta.get("generation"),
+        deployment=deployment,
+        selector=engine_selector(service_name),
+        endpoint=gateway_endpoint(service_name, meta["namespace"]),
+        now=now_rfc3339(),
+    )
+    if status_changed(previous, status):
+        await kube.patch(
+            LLMSERVICE, meta["namespace"], service_name, {"status": status}, subresource="status"
+        )
+        _report_transitions(previous, status, emit)
+    return status
+
+
+async def reconcile(
+    kube: KubeClient, namespace: str, name: str, images: Images, emit: Callable[[Mapping[str, Any]], Emit]
+) -> Outcome:
+    """Bring the objects of LLMService namespace/name to their desired state and update its status.
+
+    `emit(obj)` gives the event reporter for the freshly read object. Returns what was done; an
+    invalid spec is reported in status and events and returned, never raised.
+    """
+    obj = await kube.get(LLMSERVICE, namespace, name)
+    if obj is None or obj.get("metadata", {}).get("deletionTimestamp"):
+        # Gone or going: its objects go with it through their ownerReferences.
+        return Outcome(found=False)
+    report = emit(obj)
+    engine = await kube.get(KINDS["Deployment"], namespace, f"{name}-engine")
+    try:
+        service = parse_llmservice(obj)
+        problems = semantic_problems(service.spec)
+    except SpecError as exc:
+        invalid = ("InvalidSpec", str(exc))
+    else:
+        invalid = ("UnsupportedSpec", "; ".join(str(p) for p in problems)) if problems else None
+    if invalid is not None:
+        status = await _write_status(kube, obj, invalid_conditions(*invalid), engine, report)
+        return Outcome(invalid=invalid, status=status)
+
+    outcome = Outcome()
+    current_replicas = (engine or {}).get("spec", {}).get("replicas")
+    for desired in render_all(service, images, current_replicas):
+        try:
+            action, result = await apply_object(kube, desired, str(service.uid))
+        except OwnershipConflict as exc:
+            status = await _write_status(
+                kube, obj, invalid_conditions("OwnershipConflict", str(exc)), engine, report
+            )
+            return Outcome(actions=outcome.actions, invalid=("OwnershipConflict", str(exc)), status=status)
+        what = f"{desired['kind']} {desired['metadata']['name']}"
+        if action != "unchanged":
+            outcome.actions.append(f"{action} {what}")
+            report("Normal", action.capitalize(), f"{action} {what}")
+            log.info("%s/%s: %s %s", namespace, name, action, what)
+        if desired["kind"] == "Deployment" and desired["metadata"]["name"] == engine_name(service):
+            engine = result
+    outcome.status = await _write_status(kube, obj, deployment_conditions(engine), engine, report)
+    return outcome
