@@ -346,20 +346,22 @@ class DrainRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
-    DRAIN_FIELD_NUMBER: _builtins.int
+    CANCEL_FIELD_NUMBER: _builtins.int
     timeout_seconds: _builtins.float
     """Stop waiting after this long; 0 waits until the instance is empty."""
-    drain: _builtins.bool
-    """Set false to undo a drain (take new requests again)."""
+    cancel: _builtins.bool
+    """Set true to undo a drain (take new requests again); the default (false) drains, so that an
+    empty DrainRequest never silently re-opens an instance.
+    """
     def __init__(
         self,
         *,
         timeout_seconds: _builtins.float = ...,
-        drain: _builtins.bool = ...,
+        cancel: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["drain", b"drain", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel", b"cancel", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -390,7 +392,10 @@ Global___DrainResponse: _TypeAlias = DrainResponse  # noqa: Y015
 
 @_typing.final
 class RequestEvent(_message.Message):
-    """Streamed by the gateway: what it sends to and finishes on this instance."""
+    """Streamed by the gateway: what it sends to and finishes on this instance. ADMITTED when it sends
+    a request here, PROGRESS as tokens come back (generated_tokens), FINISHED when it ends for any
+    reason. The sidecar uses them for freeness (head-of-line demand, priority headroom) and Drain.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 

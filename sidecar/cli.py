@@ -1,0 +1,97 @@
+"""`slofleet sidecar`: run the per-pod sidecar next to a vLLM engine.
+
+The bearer token comes from a file (`--token-file`, e.g. a mounted Kubernetes Secret) or from the
+environment (SLOFLEET_SIDECAR_TOKEN); the file wins. There is no way to run without one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from slofleet.sidecar.runtime import Sidecar
+
+TOKEN_ENV = "SLOFLEET_SIDECAR_TOKEN"
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--engine-url", required=True, help="the vLLM server beside it, e.g. http://127.0.0.1:8000"
+    )
+    parser.add_argument("--instance-id", required=True, help="this instance's name (the pod name)")
+    parser.add_argument("--grpc-host", default="0.0.0.0")
+    parser.add_argument("--grpc-port", type=int, default=50051)
+    parser.add_argument("--metrics-host", default="0.0.0.0")
+    parser.add_argument("--metrics-port", type=int, default=9090)
+    parser.add_argument(
+        "--token-file", type=Path, help=f"file holding the gRPC bearer token (else ${TOKEN_ENV})"
+    )
+    parser.add_argument("--poll-interval", type=float, default=0.1, help="seconds between engine scrapes")
+    parser.add_argument(
+        "--concurrency-limit", type=int, default=256, help="initial limit (SetLimits changes it)"
+    )
+    parser.add_argument("--pool", choices=["interactive", "mixed", "batch"], default="mixed")
+    parser.add_argument("--log-level", default="INFO")
+
+
+def read_token(token_file: Path | None) -> str:
+    if token_file is not None:
+        try:
+            token = token_file.read_text().strip()
+        except OSError as e:
+            raise SystemExit(f"--token-file: cannot read {token_file}: {e.strerror}") from e
+        if not token:
+            raise SystemExit(f"--token-file: {token_file} is empty")
+        return token
+    token = os.environ.get(TOKEN_ENV, "").strip()
+    if not token:
+        raise SystemExit(f"--token-file or ${TOKEN_ENV}: the sidecar's gRPC port needs a bearer token")
+    return token
+
+
+def run(args: argparse.Namespace) -> int:
+    from slofleet.sidecar.runtime import Sidecar, SidecarConfig
+
+    from slofleet.instance import Pool
+
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s [instance=" + args.instance_id + "] %(message)s",
+    )
+    try:
+        config = SidecarConfig(
+            engine_url=args.engine_url,
+            instance_id=args.instance_id,
+            token=read_token(args.token_file),
+            grpc_host=args.grpc_host,
+            grpc_port=args.grpc_port,
+            metrics_host=args.metrics_host,
+            metrics_port=args.metrics_port,
+            poll_interval_seconds=args.poll_interval,
+            concurrency_limit=args.concurrency_limit,
+            pool=Pool(args.pool),
+        )
+    except ValueError as e:
+        print(f"slofleet sidecar: {e}", file=sys.stderr)
+        return 2
+    return asyncio.run(_serve(Sidecar(config)))
+
+
+async def _serve(sidecar: Sidecar) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await sidecar.start()
+    try:
+        await stop.wait()
+    finally:
+        await sidecar.stop()
+    return 0

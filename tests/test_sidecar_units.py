@@ -1,0 +1,204 @@
+"""Sidecar pieces without an engine: metrics page parsing, windowed rates/percentiles, state,
+request validation. The engine-backed behaviour is in test_sidecar_engine.py."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from slofleet.api.v1 import sidecar_pb2 as pb
+from slofleet.sidecar.enginemetrics import EngineMetricsError, EngineSample, Histogram, parse_engine_metrics
+from slofleet.sidecar.service import (
+    InvalidArgument,
+    request_from_pb,
+    validate_drain_timeout,
+    validate_limit,
+    validate_watch_interval,
+)
+from slofleet.sidecar.state import SidecarState
+from slofleet.sidecar.window import SampleWindow, histogram_quantile
+
+from slofleet.instance import RequestClass, RequestInfo
+
+LABELS = 'engine="0",model_name="m"'
+
+
+def page(running=3, waiting=1, usage=0.25, prompt=100.0, gen=50.0, ttft=(0, 2, 4, 4), blocks=1000) -> str:
+    """A vLLM-shaped /metrics page (names, labels and families as vLLM 0.32 writes them)."""
+    bounds = ("0.1", "0.5", "1.0", "+Inf")
+    lines = [
+        "# HELP python_gc_objects_collected_total noise",
+        "# TYPE python_gc_objects_collected_total counter",
+        'python_gc_objects_collected_total{generation="0"} 5.0',
+        "# TYPE vllm:num_requests_running gauge",
+        f"vllm:num_requests_running{{{LABELS}}} {running}",
+        "# TYPE vllm:num_requests_waiting gauge",
+        f"vllm:num_requests_waiting{{{LABELS}}} {waiting}",
+        "# TYPE vllm:num_requests_waiting_by_reason gauge",
+        f'vllm:num_requests_waiting_by_reason{{{LABELS},reason="capacity"}} 99',
+        "# TYPE vllm:kv_cache_usage_perc gauge",
+        f"vllm:kv_cache_usage_perc{{{LABELS}}} {usage}",
+        "# TYPE vllm:prompt_tokens counter",
+        f"vllm:prompt_tokens_total{{{LABELS}}} {prompt}",
+        f"vllm:prompt_tokens_created{{{LABELS}}} 1.7e9",
+        "# TYPE vllm:prompt_tokens_by_source counter",
+        f'vllm:prompt_tokens_by_source_total{{{LABELS},source="local_compute"}} 12345',
+        "# TYPE vllm:generation_tokens_total counter",
+        f"vllm:generation_tokens_total{{{LABELS}}} {gen}",
+        "# TYPE vllm:num_preemptions_total counter",
+        f"vllm:num_preemptions_total{{{LABELS}}} 2",
+        "# TYPE vllm:time_to_first_token_seconds histogram",
+        *(
+            f'vllm:time_to_first_token_seconds_bucket{{{LABELS},le="{b}"}} {c}'
+            for b, c in zip(bounds, ttft, strict=True)
+        ),
+        f"vllm:time_to_first_token_seconds_count{{{LABELS}}} {ttft[-1]}",
+        f"vllm:time_to_first_token_seconds_sum{{{LABELS}}} 1.0",
+        "# TYPE vllm:cache_config_info gauge",
+        f'vllm:cache_config_info{{block_size="16",engine="0",num_gpu_blocks="{blocks}"}} 1.0',
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def test_parse_reads_exactly_the_families_it_needs():
+    s = parse_engine_metrics(page())
+    assert (s.running_requests, s.waiting_requests, s.kv_usage_fraction) == (3, 1, 0.25)
+    assert (s.num_gpu_blocks, s.block_size_tokens) == (1000, 16)
+    assert (s.prompt_tokens_total, s.generation_tokens_total, s.preemptions_total) == (100, 50, 2)
+    assert s.ttft.upper_bounds == (0.1, 0.5, 1.0, math.inf) and s.ttft.cumulative_counts == (0, 2, 4, 4)
+    assert s.itl.count == 0  # absent family: empty histogram, not an error
+
+
+@pytest.mark.parametrize(
+    "drop", ["vllm:num_requests_running", "vllm:kv_cache_usage_perc", "vllm:cache_config_info"]
+)
+def test_parse_names_a_missing_family(drop):
+    text = "\n".join(line for line in page().splitlines() if drop not in line) + "\n"
+    with pytest.raises(EngineMetricsError, match=drop):
+        parse_engine_metrics(text)
+
+
+def test_parse_rejects_garbage_with_a_value_error():
+    with pytest.raises(ValueError):
+        parse_engine_metrics("<html>502 Bad Gateway</html>")
+
+
+def test_histogram_quantile_interpolates_like_prometheus():
+    bounds = (0.1, 0.5, 1.0, math.inf)
+    assert histogram_quantile(0.5, bounds, (0, 2, 4, 4)) == pytest.approx(0.5)
+    assert histogram_quantile(0.25, bounds, (0, 2, 4, 4)) == pytest.approx(0.3)
+    assert histogram_quantile(0.99, bounds, (0, 0, 0, 3)) == 1.0  # in +Inf: the largest finite bound
+    assert histogram_quantile(0.5, bounds, (0, 0, 0, 0)) == 0.0
+
+
+def sample(prompt: float, gen: float, ttft: tuple[float, ...]) -> EngineSample:
+    h = Histogram((0.1, 0.5, 1.0, math.inf), ttft)
+    return EngineSample(1, 0, 0.1, 100, 16, 0, prompt, gen, h, Histogram((math.inf,), (0.0,)))
+
+
+def test_window_rates_and_percentiles_use_deltas_not_totals():
+    w = SampleWindow(rate_seconds=10, latency_seconds=60)
+    # Before the window: many slow first tokens (all in the 1.0 bucket).
+    w.add(0.0, sample(1000, 500, (0, 0, 100, 100)))
+    w.add(5.0, sample(1500, 1000, (0, 0, 100, 100)))
+    # Within it: 10 fast ones.
+    w.add(10.0, sample(2000, 1500, (10, 10, 110, 110)))
+    st = w.stats()
+    assert st.prompt_tokens_per_second == pytest.approx(100.0)
+    assert st.generation_tokens_per_second == pytest.approx(100.0)
+    assert st.ttft_p50_seconds == pytest.approx(0.05)  # only the 10 new observations count
+
+
+def test_window_restarts_when_engine_counters_reset():
+    w = SampleWindow(rate_seconds=10, latency_seconds=60)
+    w.add(0.0, sample(5000, 5000, (0, 0, 10, 10)))
+    w.add(1.0, sample(10, 10, (0, 0, 0, 0)))  # engine restarted
+    assert len(w) == 1
+    w.add(2.0, sample(20, 30, (1, 1, 1, 1)))
+    assert w.stats().prompt_tokens_per_second == pytest.approx(10.0)
+
+
+def test_window_drops_old_samples_but_spans_the_horizon():
+    w = SampleWindow(rate_seconds=1, latency_seconds=2)
+    for i in range(100):
+        w.add(i * 0.1, sample(i, i, (0, 0, 0, 0)))
+    assert len(w) <= 23
+
+
+def info(rid: str, **kw) -> RequestInfo:
+    return RequestInfo(rid, RequestClass.BATCH, kw.get("priority", 0), kw.get("prompt", 10), 20, 0)
+
+
+def test_state_snapshot_counts_engine_and_reported_requests():
+    st = SidecarState("i", concurrency_limit=8)
+    assert not st.snapshot.healthy and st.snapshot.freeness == -math.inf
+    st.observe(parse_engine_metrics(page(running=2, waiting=0, usage=0.5, blocks=100)))
+    s = st.snapshot
+    assert s.healthy and (s.kv_total_blocks, s.kv_free_blocks) == (100, 50)
+    assert s.freeness == pytest.approx((100 - 50) / 2)
+    st.request_admitted(info("a"))
+    st.request_admitted(info("b"))
+    st.request_admitted(info("c", prompt=16 * 4))  # queued head: 4 blocks
+    st.requests_reported()
+    assert st.snapshot.freeness == pytest.approx((100 - 50 - 4) / 2)
+    st.request_finished("c")
+    st.requests_reported()
+    assert [r.request_id for r in st.snapshot.requests] == ["a", "b"]
+
+
+def test_state_publishes_changes_not_drift():
+    st = SidecarState("i", concurrency_limit=8)
+    st.observe(parse_engine_metrics(page(prompt=1)))
+    v = st.version
+    st.observe(parse_engine_metrics(page(prompt=2)))  # throughput drift only
+    assert st.version == v
+    st.observe(parse_engine_metrics(page(running=4)))
+    assert st.version == v + 1
+    st.set_draining(True)
+    assert st.version == v + 2 and st.snapshot.freeness == -math.inf
+
+
+def test_state_expires_requests_the_gateway_never_finished():
+    st = SidecarState("i", concurrency_limit=8, request_ttl_seconds=10)
+    st.request_admitted(info("old"), now=0.0)
+    st.request_admitted(info("new"), now=5.0)
+    st.observe(parse_engine_metrics(page()), now=12.0)
+    assert [r.request_id for r in st.snapshot.requests] == ["new"]
+
+
+@pytest.mark.parametrize("limit", [0, -1, 100_001, 2**31 - 1])
+def test_limit_out_of_range_names_the_field(limit):
+    with pytest.raises(InvalidArgument, match=r"^concurrency_limit: "):
+        validate_limit(pb.SetLimitsRequest(concurrency_limit=limit))
+
+
+@pytest.mark.parametrize("t", [-1.0, math.nan, math.inf, 1e9])
+def test_drain_timeout_out_of_range_names_the_field(t):
+    with pytest.raises(InvalidArgument, match=r"^timeout_seconds: "):
+        validate_drain_timeout(pb.DrainRequest(timeout_seconds=t))
+
+
+@pytest.mark.parametrize("ms", [-5, 1, 9, 3_600_001])
+def test_watch_interval_out_of_range_names_the_field(ms):
+    with pytest.raises(InvalidArgument, match=r"^interval_milliseconds: "):
+        validate_watch_interval(pb.WatchLoadRequest(interval_milliseconds=ms), 1.0)
+    assert validate_watch_interval(pb.WatchLoadRequest(), 1.5) == 1.5
+
+
+@pytest.mark.parametrize(
+    ("msg", "field"),
+    [
+        (pb.RequestInfo(request_class=pb.REQUEST_CLASS_BATCH, prompt_tokens=3), "request_id"),
+        (pb.RequestInfo(request_id="x" * 300, request_class=1, prompt_tokens=3), "request_id"),
+        (pb.RequestInfo(request_id="r", prompt_tokens=3), "request_class"),
+        (pb.RequestInfo(request_id="r", request_class=1, prompt_tokens=0), "prompt_tokens"),
+        (pb.RequestInfo(request_id="r", request_class=1, prompt_tokens=3, max_tokens=-1), "max_tokens"),
+        (
+            pb.RequestInfo(request_id="r", request_class=1, prompt_tokens=3, generated_tokens=-2),
+            "generated_tokens",
+        ),
+    ],
+)
+def test_request_info_validation_names_the_field(msg, field):
+    with pytest.raises(InvalidArgument, match=rf"^events\[0\]\.request\.{field}: "):
+        request_from_pb(msg, "events[0].request")
