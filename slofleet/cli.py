@@ -17,6 +17,7 @@ from slofleet import __version__
 # subcommand -> (module with configure/run, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "tiny-model": ("slofleet.tinymodel_cli", "write a seeded random-weight Llama model and tokenizer"),
+    "gateway": ("slofleet.gateway.cli", "serve the OpenAI-compatible gateway in front of vLLM instances"),
     "sidecar": ("slofleet.sidecar.cli", "run the per-pod sidecar beside a vLLM engine (gRPC + metrics)"),
     "operator": ("slofleet.operator.cli", "run the Kubernetes operator that reconciles LLMServices"),
     "render": ("slofleet.operator.render_cli", "print the Kubernetes objects of an LLMService YAML file"),

@@ -1,0 +1,81 @@
+"""`slofleet gateway`: serve the OpenAI-compatible gateway (configure is cheap; run imports aiohttp)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from slofleet.gateway.config import GatewayConfig, ServiceDefaults
+
+from slofleet.instance import RequestClass
+from slofleet.policies.dispatch import DispatchParams, DispatchPolicy
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    d = GatewayConfig()
+    s = ServiceDefaults()
+    p = DispatchParams()
+    parser.add_argument("--host", default=d.host)
+    parser.add_argument("--port", type=int, default=d.port)
+    src = parser.add_argument_group("instances (one of)")
+    src.add_argument("--engine", action="append", default=[], metavar="URL",
+                     help="a vLLM base URL the gateway tracks itself (static mode; repeat)")  # fmt: skip
+    src.add_argument("--sidecar", action="append", default=[], metavar="HOST:PORT",
+                     help="an instance's sidecar gRPC address; load from its WatchLoad (repeat)")  # fmt: skip
+    src.add_argument("--sidecar-token-file", type=Path, help="file holding the sidecars' bearer token")
+    parser.add_argument("--concurrency-limit", type=int, default=d.concurrency_limit,
+                        help="per-instance limit in static mode (sidecars send theirs)")  # fmt: skip
+    parser.add_argument("--dispatch", choices=[x.value for x in DispatchPolicy], default=p.policy.value)
+    parser.add_argument("--locality-weight", type=float, default=p.locality_weight)
+    parser.add_argument(
+        "--default-class", choices=[c.value for c in RequestClass], default=s.request_class.value
+    )
+    parser.add_argument("--interactive-priority", type=int, default=s.interactive_priority)
+    parser.add_argument("--batch-priority", type=int, default=s.batch_priority)
+    parser.add_argument("--batch-deadline-seconds", type=float, default=s.batch_deadline_seconds,
+                        help="deadline of a batch created without completion_window")  # fmt: skip
+    parser.add_argument("--max-queued", type=int, default=d.max_queued_interactive,
+                        help="interactive requests that may wait for a slot; more get 429")  # fmt: skip
+    parser.add_argument("--queue-timeout-seconds", type=float, default=d.queue_timeout_seconds)
+    parser.add_argument("--db", type=Path, default=d.db_path, help="SQLite file of the durable batch queue")
+    parser.add_argument("--log-level", default=d.log_level)
+
+
+def config_from_args(args: argparse.Namespace) -> GatewayConfig:
+    if not args.engine and not args.sidecar:
+        raise SystemExit("slofleet gateway: give at least one --engine URL or --sidecar HOST:PORT")
+    token = args.sidecar_token_file.read_text().strip() if args.sidecar_token_file else None
+    return GatewayConfig(
+        host=args.host,
+        port=args.port,
+        engines=tuple(args.engine),
+        sidecars=tuple(args.sidecar),
+        sidecar_token=token,
+        concurrency_limit=args.concurrency_limit,
+        defaults=ServiceDefaults(
+            request_class=RequestClass(args.default_class),
+            interactive_priority=args.interactive_priority,
+            batch_priority=args.batch_priority,
+            batch_deadline_seconds=args.batch_deadline_seconds,
+        ),
+        dispatch=DispatchParams(policy=DispatchPolicy(args.dispatch), locality_weight=args.locality_weight),
+        max_queued_interactive=args.max_queued,
+        queue_timeout_seconds=args.queue_timeout_seconds,
+        db_path=args.db,
+        log_level=args.log_level,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    import logging
+
+    from aiohttp import web
+    from slofleet.gateway.server import Gateway
+
+    config = config_from_args(args)
+    logging.basicConfig(
+        level=config.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s service=gateway %(message)s",
+    )
+    web.run_app(Gateway(config).app(), host=config.host, port=config.port, access_log=None, print=None)
+    return 0
