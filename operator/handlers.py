@@ -53,9 +53,13 @@ def login(memo: kopf.Memo, **_: Any) -> kopf.ConnectionInfo:
 async def llmservice_changed(name: str, namespace: str, memo: kopf.Memo, **_: Any) -> None:
     outcome = await reconcile(memo.kube, namespace, name, memo.images, _emitter)
     if outcome.invalid is not None:
+        reason, message = outcome.invalid
+        if reason == "OwnershipConflict":
+            # Someone else's object is in the way: slow retries, since deleting it needs no spec change.
+            raise kopf.TemporaryError(message, delay=60)
         # Reported in status and an event already; retrying cannot help until the spec changes,
         # which fires this handler again.
-        raise kopf.PermanentError(outcome.invalid[1])
+        raise kopf.PermanentError(message)
 
 
 @kopf.on.event(

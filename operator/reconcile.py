@@ -132,9 +132,14 @@ async def _write_status(
         now=now_rfc3339(),
     )
     if status_changed(previous, status):
-        await kube.patch(
-            LLMSERVICE, meta["namespace"], service_name, {"status": status}, subresource="status"
-        )
+        try:
+            await kube.patch(
+                LLMSERVICE, meta["namespace"], service_name, {"status": status}, subresource="status"
+            )
+        except ApiError as exc:
+            if exc.status == 404:  # deleted meanwhile: nothing left to report on
+                return status
+            raise
         _report_transitions(previous, status, emit)
     return status
 
