@@ -38,6 +38,7 @@ KINDS = {
     for k in (
         Kind("apps/v1", "Deployment", "deployments"),
         Kind("v1", "Service", "services"),
+        Kind("v1", "Secret", "secrets"),
         Kind("policy/v1", "PodDisruptionBudget", "poddisruptionbudgets"),
         Kind("networking.k8s.io/v1", "NetworkPolicy", "networkpolicies"),
         LLMSERVICE,

@@ -8,8 +8,10 @@ written only when it differs from the desired one (no duplicates, no churn).
 
 from __future__ import annotations
 
+import base64
 import datetime
 import logging
+import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -71,6 +73,20 @@ def _controller_uid(obj: Mapping[str, Any]) -> str | None:
         if ref.get("controller"):
             return str(ref.get("uid"))
     return None
+
+
+async def create_secret_once(kube: KubeClient, desired: dict[str, Any]) -> tuple[Action, dict[str, Any]]:
+    """Create the generated token Secret if it does not exist; never read or rewrite it (its value
+    must stay stable, and the operator holds no permission to read Secrets)."""
+    meta = desired["metadata"]
+    body = {**desired, "data": {"token": base64.b64encode(secrets.token_urlsafe(32).encode()).decode()}}
+    try:
+        await kube.create(KINDS["Secret"], meta["namespace"], body)
+    except ApiError as exc:
+        if exc.status == 409:
+            return "unchanged", desired
+        raise
+    return "created", desired
 
 
 async def apply_object(
@@ -173,7 +189,10 @@ async def reconcile(
     current_replicas = (engine or {}).get("spec", {}).get("replicas")
     for desired in render_all(service, images, current_replicas):
         try:
-            action, result = await apply_object(kube, desired, str(service.uid))
+            if desired["kind"] == "Secret":
+                action, result = await create_secret_once(kube, desired)
+            else:
+                action, result = await apply_object(kube, desired, str(service.uid))
         except OwnershipConflict as exc:
             status = await _write_status(
                 kube, obj, invalid_conditions("OwnershipConflict", str(exc)), engine, report

@@ -19,6 +19,8 @@ ENGINE_HTTP_PORT = 8000
 SIDECAR_GRPC_PORT = 50051
 SIDECAR_METRICS_PORT = 9090
 GATEWAY_HTTP_PORT = 8080
+GATEWAY_TOKEN_DIR = "/var/run/secrets/slofleet"
+GATEWAY_DATA_DIR = "/var/lib/slofleet"
 MANAGED_BY = "slofleet-operator"
 SERVICE_LABEL = f"{API_GROUP}/service"
 # Where the operator runs (deploy/default); its pods may reach every sidecar's gRPC port.
@@ -190,35 +192,53 @@ def _engine_container(spec: LLMServiceSpec, images: Images) -> dict[str, Any]:
     }
 
 
-def sidecar_args(service: LLMService) -> list[str]:
+def sidecar_args() -> list[str]:
+    """`slofleet sidecar` beside the engine; $(POD_NAME) is expanded by the kubelet from the env."""
     return [
         "sidecar",
         "--engine-url",
         f"http://127.0.0.1:{ENGINE_HTTP_PORT}",
+        "--instance-id",
+        "$(POD_NAME)",
         "--grpc-port",
         str(SIDECAR_GRPC_PORT),
         "--metrics-port",
         str(SIDECAR_METRICS_PORT),
-        "--service",
-        service.name,
     ]
 
 
+def sidecar_token_ref(service: LLMService) -> tuple[str, str]:
+    """(Secret name, key) of the sidecars' gRPC bearer token: the user's, else one the operator
+    generates once per LLMService (the sidecar refuses to run without a token)."""
+    ref = service.spec.sidecar.token_secret_ref
+    return (ref.name, ref.key) if ref is not None else (f"{service.name}-sidecar-token", "token")
+
+
+def render_token_secret(service: LLMService) -> dict[str, Any] | None:
+    """The operator-managed token Secret, without its data: reconcile creates it once with a random
+    token and never reads or rewrites it (RBAC grants `create` on secrets, nothing else)."""
+    if service.spec.sidecar.token_secret_ref is not None:
+        return None
+    name, _ = sidecar_token_ref(service)
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "Opaque",
+        "metadata": _metadata(service, name, "engine"),
+    }
+
+
 def _sidecar_container(service: LLMService, images: Images) -> dict[str, Any]:
-    env = _pod_identity_env()
-    token = service.spec.sidecar.token_secret_ref
-    if token is not None:
-        env.append(
-            {
-                "name": "SLOFLEET_SIDECAR_TOKEN",
-                "valueFrom": {"secretKeyRef": {"name": token.name, "key": token.key}},
-            }
-        )
+    secret, key = sidecar_token_ref(service)
+    env = [
+        *_pod_identity_env(),
+        {"name": "SLOFLEET_SIDECAR_TOKEN", "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}},
+    ]
     grpc_probe = {"grpc": {"port": SIDECAR_GRPC_PORT}}
     return {
         "name": "sidecar",
         "image": images.slofleet,
-        "args": sidecar_args(service),
+        "args": sidecar_args(),
         "env": env,
         "ports": [
             {"name": "grpc", "containerPort": SIDECAR_GRPC_PORT, "protocol": "TCP"},
@@ -304,31 +324,41 @@ def render_engine_service(service: LLMService) -> dict[str, Any]:
 
 def render_gateway_deployment(service: LLMService, images: Images) -> dict[str, Any]:
     gateway = service.spec.gateway
-    env = [
-        *_pod_identity_env(),
-        {"name": "SLOFLEET_ENGINE_SERVICE", "value": f"{engine_name(service)}.{service.namespace}.svc"},
-    ]
-    token = service.spec.sidecar.token_secret_ref
-    if token is not None:
-        env.append(
-            {
-                "name": "SLOFLEET_SIDECAR_TOKEN",
-                "valueFrom": {"secretKeyRef": {"name": token.name, "key": token.key}},
-            }
-        )
+    secret, key = sidecar_token_ref(service)
     health = {"httpGet": {"path": "/health", "port": "http"}}
     container = {
         "name": "gateway",
         "image": gateway.image or images.slofleet,
-        "args": ["gateway", "--port", str(GATEWAY_HTTP_PORT), "--service", service.name],
-        "env": env,
+        "args": [
+            "gateway",
+            "--port",
+            str(GATEWAY_HTTP_PORT),
+            # The engine pods' headless Service: the gateway learns each instance's load from
+            # its sidecar's WatchLoad stream.
+            "--sidecar",
+            f"{engine_name(service)}.{service.namespace}.svc:{SIDECAR_GRPC_PORT}",
+            "--sidecar-token-file",
+            f"{GATEWAY_TOKEN_DIR}/token",
+            "--db",
+            f"{GATEWAY_DATA_DIR}/gateway.sqlite3",
+        ],
         "ports": [{"name": "http", "containerPort": GATEWAY_HTTP_PORT, "protocol": "TCP"}],
         "resources": {"requests": {"cpu": "250m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}},
         "readinessProbe": {**health, "periodSeconds": 5},
         "livenessProbe": {**health, "periodSeconds": 10, "failureThreshold": 6},
         "securityContext": {**NON_ROOT_CONTAINER, "runAsUser": 10001},
-        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+        "volumeMounts": [
+            {"name": "token", "mountPath": GATEWAY_TOKEN_DIR, "readOnly": True},
+            {"name": "data", "mountPath": GATEWAY_DATA_DIR},
+            {"name": "tmp", "mountPath": "/tmp"},
+        ],
     }
+    volumes = [
+        {"name": "token", "secret": {"secretName": secret, "items": [{"key": key, "path": "token"}]}},
+        # The batch queue's SQLite file; an emptyDir survives container restarts, not pod loss.
+        {"name": "data", "emptyDir": {}},
+        {"name": "tmp", "emptyDir": {}},
+    ]
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -338,11 +368,7 @@ def render_gateway_deployment(service: LLMService, images: Images) -> dict[str, 
             "selector": {"matchLabels": selector_labels(service.name, "gateway")},
             "template": {
                 "metadata": {"labels": labels(service, "gateway")},
-                "spec": {
-                    "containers": [container],
-                    "volumes": [{"name": "tmp", "emptyDir": {}}],
-                    "enableServiceLinks": False,
-                },
+                "spec": {"containers": [container], "volumes": volumes, "enableServiceLinks": False},
             },
         },
     }
@@ -411,8 +437,11 @@ def render_network_policy(service: LLMService) -> dict[str, Any]:
 def render_all(
     service: LLMService, images: Images, current_engine_replicas: int | None = None
 ) -> list[dict[str, Any]]:
-    """Every object the operator keeps for one LLMService, in apply order."""
+    """Every object the operator keeps for one LLMService, in apply order (the token first: the
+    pods cannot start without it)."""
+    secret = render_token_secret(service)
     return [
+        *([secret] if secret is not None else []),
         render_engine_service(service),
         render_engine_deployment(service, images, current_engine_replicas),
         render_pdb(service),

@@ -40,6 +40,7 @@ def containers(deployment: dict[str, Any]) -> dict[str, dict[str, Any]]:
 def test_render_all_objects_are_owned_labelled_and_namespaced() -> None:
     objs = by_kind(render_all(service(), IMAGES))
     assert set(objs) == {
+        ("Secret", "svc-sidecar-token"),
         ("Deployment", "svc-engine"),
         ("Service", "svc-engine"),
         ("PodDisruptionBudget", "svc-engine"),
@@ -154,13 +155,36 @@ def test_model_volume(volume: dict[str, Any], expected: dict[str, Any]) -> None:
     assert engine["args"][:2] == ["--model", "/weights/llama"]
 
 
-def test_sidecar_token_from_secret() -> None:
-    svc = service(sidecar={"tokenSecretRef": {"name": "tok"}})
-    objs = by_kind(render_all(svc, IMAGES))
-    for name, container in (("svc-engine", "sidecar"), ("svc-gateway", "gateway")):
-        env = containers(objs["Deployment", name])[container]["env"]
-        ref = next(e for e in env if e["name"] == "SLOFLEET_SIDECAR_TOKEN")
-        assert ref["valueFrom"] == {"secretKeyRef": {"name": "tok", "key": "token"}}
+@pytest.mark.parametrize(
+    ("sidecar", "secret", "key"),
+    [({}, "svc-sidecar-token", "token"), ({"tokenSecretRef": {"name": "tok", "key": "k"}}, "tok", "k")],
+)
+def test_sidecar_token_reaches_sidecar_and_gateway(sidecar: dict[str, Any], secret: str, key: str) -> None:
+    objs = by_kind(render_all(service(sidecar=sidecar), IMAGES))
+    assert (("Secret", "svc-sidecar-token") in objs) == (not sidecar)  # generated only when not given
+    env = containers(objs["Deployment", "svc-engine"])["sidecar"]["env"]
+    ref = next(e for e in env if e["name"] == "SLOFLEET_SIDECAR_TOKEN")
+    assert ref["valueFrom"] == {"secretKeyRef": {"name": secret, "key": key}}
+    gateway = objs["Deployment", "svc-gateway"]
+    volume = next(v for v in gateway["spec"]["template"]["spec"]["volumes"] if v["name"] == "token")
+    assert volume["secret"] == {"secretName": secret, "items": [{"key": key, "path": "token"}]}
+    args = containers(gateway)["gateway"]["args"]
+    mount = next(m for m in containers(gateway)["gateway"]["volumeMounts"] if m["name"] == "token")
+    assert args[args.index("--sidecar-token-file") + 1] == f"{mount['mountPath']}/token"
+    assert args[args.index("--sidecar") + 1] == f"svc-engine.ns.svc:{SIDECAR_GRPC_PORT}"
+
+
+def test_commands_parse_with_the_real_clis() -> None:
+    """The args the operator writes are accepted by `slofleet sidecar` and `slofleet gateway`."""
+    from slofleet.cli import build_parser
+
+    objs = by_kind(render_all(service(), IMAGES))
+    parser = build_parser()
+    sidecar_args = containers(objs["Deployment", "svc-engine"])["sidecar"]["args"]
+    parsed = parser.parse_args([a.replace("$(POD_NAME)", "pod-0") for a in sidecar_args])
+    assert parsed.instance_id == "pod-0" and parsed.grpc_port == SIDECAR_GRPC_PORT
+    parsed = parser.parse_args(containers(objs["Deployment", "svc-gateway"])["gateway"]["args"])
+    assert parsed.port == 8080
 
 
 def test_images_come_from_the_spec_then_the_operator_environment() -> None:
