@@ -17,6 +17,7 @@ from slofleet import __version__
 # subcommand -> (module with configure/run, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "tiny-model": ("slofleet.tinymodel_cli", "write a seeded random-weight Llama model and tokenizer"),
+    "simulate": ("slofleet.sim.cli", "replay a trace through the fleet policies and compare them"),
     "gateway": ("slofleet.gateway.cli", "serve the OpenAI-compatible gateway in front of vLLM instances"),
     "sidecar": ("slofleet.sidecar.cli", "run the per-pod sidecar beside a vLLM engine (gRPC + metrics)"),
     "operator": ("slofleet.operator.cli", "run the Kubernetes operator that reconciles LLMServices"),

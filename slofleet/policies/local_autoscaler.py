@@ -1,0 +1,138 @@
+"""Local autoscaler: one instance's concurrency limit from its own backpressure.
+
+Why a limit at all: an engine accepts any number of requests, but past some concurrency each extra
+request only adds latency (ITL grows with batch size and context) or triggers KV preemptions, while
+throughput has stopped growing. The right limit depends on the model, the hardware and the current
+mix of prompt/output lengths, so it is found online, like TCP's congestion window (Chiron's local
+autoscaler): grow it while throughput still rises, cut it multiplicatively when the instance violates
+its latency SLO or runs out of KV cache. The gateway honours the limit (`InstanceLoad.has_room`), so
+excess load stays queued at the gateway, where the global autoscaler sees it as backpressure.
+
+Pure and deterministic: the sidecar (every second), the local fleet and the simulator call the same
+`next_limit` with an observation they build from their own sources.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+
+@dataclass(frozen=True, slots=True)
+class LocalAutoscalerConfig:
+    """Bounds and gains. `ttft_slo_s`/`itl_slo_s` come from the LLMService's interactive SLO."""
+
+    min_limit: int = 1
+    max_limit: int = 256
+    initial_limit: int = 16
+    ttft_slo_s: float = 1.0
+    itl_slo_s: float = 0.1
+    # Stop growing once latency reaches this fraction of the SLO: growth near the SLO buys
+    # little throughput and a burst would push the instance over.
+    slo_headroom: float = 0.8
+    # KV usage at or above this counts as exhaustion (vLLM preempts shortly after).
+    kv_high: float = 0.95
+    decrease_factor: float = 0.7
+    additive_step: int = 2
+    # Relative throughput gain that counts as "still rising" after a limit increase.
+    min_gain: float = 0.02
+    # Below this fraction of the SLO a binding limit is probed upward even at flat throughput.
+    probe_below: float = 0.5
+    # The limit is "binding" when in-flight requests reach this fraction of it; growing a
+    # limit that the demand does not reach tells nothing about the instance's capacity.
+    binding_fraction: float = 0.7
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min_limit <= self.max_limit:
+            raise ValueError(
+                f"min_limit={self.min_limit}, max_limit={self.max_limit}: need 1 <= min_limit <= max_limit"
+            )
+        if not 0.0 < self.decrease_factor < 1.0:
+            raise ValueError(f"decrease_factor={self.decrease_factor}: must be in (0, 1)")
+
+
+@dataclass(frozen=True, slots=True)
+class LocalObservation:
+    """What the instance measured over the last interval.
+
+    Latencies are the interval's p99 of interactive requests (0 when none finished); throughput is
+    tokens (prompt + generated) per second over the interval; `new_preemptions` counts engine
+    preemptions since the previous observation.
+    """
+
+    ttft_p99_s: float
+    itl_p99_s: float
+    throughput_tokens_per_s: float
+    in_flight: int
+    kv_usage_fraction: float
+    new_preemptions: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class LocalAutoscalerState:
+    """The limit plus what the next decision needs to remember.
+
+    `slow_start` doubles the limit until the first congestion signal (as in TCP); afterwards
+    growth is additive. `last_throughput` is the throughput measured at the previous limit.
+    """
+
+    limit: int
+    slow_start: bool = True
+    last_throughput: float = 0.0
+    reason: str = "initial"
+
+    @classmethod
+    def initial(cls, config: LocalAutoscalerConfig) -> LocalAutoscalerState:
+        return cls(limit=max(config.min_limit, min(config.max_limit, config.initial_limit)))
+
+
+def next_limit(
+    state: LocalAutoscalerState, obs: LocalObservation, config: LocalAutoscalerConfig
+) -> LocalAutoscalerState:
+    """One control step: the new limit (always within [min_limit, max_limit]) and its reason."""
+    itl_ratio = obs.itl_p99_s / config.itl_slo_s if config.itl_slo_s > 0 else 0.0
+    ttft_ratio = obs.ttft_p99_s / config.ttft_slo_s if config.ttft_slo_s > 0 else 0.0
+    worst = max(itl_ratio, ttft_ratio)
+    kv_exhausted = obs.new_preemptions > 0 or obs.kv_usage_fraction >= config.kv_high
+
+    def bounded(value: int) -> int:
+        return max(config.min_limit, min(config.max_limit, value))
+
+    if worst > 1.0 or kv_exhausted:
+        # Decrease from what is actually in flight when that is lower: a limit above the real
+        # concurrency would take several steps to bite.
+        base = min(state.limit, max(obs.in_flight, config.min_limit))
+        new = bounded(math.floor(base * config.decrease_factor))
+        why = (
+            f"kv exhausted (usage {obs.kv_usage_fraction:.2f}, {obs.new_preemptions} preemptions)"
+            if kv_exhausted
+            else f"slo violated (ttft p99 {obs.ttft_p99_s:.3f}s, itl p99 {obs.itl_p99_s:.3f}s)"
+        )
+        return LocalAutoscalerState(new, False, obs.throughput_tokens_per_s, f"decrease: {why}")
+    binding = obs.in_flight >= config.binding_fraction * state.limit
+    if not binding:
+        return replace(state, reason="hold: limit not reached by demand")
+    if worst >= config.slo_headroom:
+        return replace(state, last_throughput=obs.throughput_tokens_per_s, reason="hold: latency near slo")
+    rising = obs.throughput_tokens_per_s > state.last_throughput * (1.0 + config.min_gain)
+    if rising:
+        grown = state.limit * 2 if state.slow_start else state.limit + config.additive_step
+        return LocalAutoscalerState(
+            bounded(grown),
+            state.slow_start,
+            obs.throughput_tokens_per_s,
+            "increase: throughput still rising" + (" (slow start)" if state.slow_start else ""),
+        )
+    if worst < config.probe_below:
+        # Flat throughput at a binding limit can mean the demand is flat, not the instance
+        # saturated; with latency far from the SLO an additive probe is cheap and is how the limit
+        # comes to measure capacity (the global autoscaler reads it as such).
+        return LocalAutoscalerState(
+            bounded(state.limit + config.additive_step),
+            False,
+            obs.throughput_tokens_per_s,
+            "increase: probing, latency far below slo",
+        )
+    return LocalAutoscalerState(
+        state.limit, False, obs.throughput_tokens_per_s, "hold: throughput stopped rising"
+    )

@@ -1,0 +1,117 @@
+"""One comparison run: the same workload through every selected policy.
+
+Everything a run needs is in `Experiment` (plain values), so `slofleet simulate`, the benchmark
+scripts and the tests build the same runs the same way, and a result can be reproduced from the
+printed settings. Runs are deterministic: trace shaping, batch lengths and capacity probing are
+seeded, and the simulator itself draws no random numbers.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+from slofleet.calibration import EngineCalibration
+from slofleet.instance import Pool
+from slofleet.policies.baselines import (
+    FreenessAutoscaler,
+    HpaConfig,
+    QueueLengthAutoscaler,
+    StaticAutoscaler,
+    UtilizationAutoscaler,
+)
+from slofleet.policies.global_autoscaler import (
+    Autoscaler,
+    ChironAutoscaler,
+    ChironConfig,
+    PoolBounds,
+)
+from slofleet.sim.simulator import SimConfig, SimResult, Simulator, SloSpec
+from slofleet.sim.sizing import PeakEstimate, instance_capacity_rps, peak_instances
+from slofleet.sim.traces import Trace
+from slofleet.sim.workload import BatchJob
+
+POLICIES = ("static-peak", "hpa-utilization", "keda-queue", "llumnix-freeness", "chiron")
+
+
+@dataclass(frozen=True)
+class Experiment:
+    trace: Trace
+    jobs: list[BatchJob]
+    calibration: EngineCalibration
+    slo: SloSpec = field(default_factory=SloSpec)
+    capacity_rps: float = 0.0
+    static_replicas: int = 0
+    max_replicas: int = 0
+    hpa_metric: str = "kv"
+    hpa_target: float = 0.7
+    keda_target: float = 10.0
+    chiron: ChironConfig = field(default_factory=ChironConfig)
+
+
+def size(exp: Experiment) -> PeakEstimate:
+    cap = exp.capacity_rps or instance_capacity_rps(exp.trace, exp.calibration, exp.slo)
+    return peak_instances(exp.trace, exp.jobs, cap)
+
+
+def build_policy(name: str, exp: Experiment, peak: PeakEstimate) -> Autoscaler:
+    static_n = exp.static_replicas or peak.instances
+    cap = exp.max_replicas or 2 * static_n
+    bounds = PoolBounds(1, cap)
+    hpa = HpaConfig(bounds=bounds)
+    if name == "static-peak":
+        return StaticAutoscaler(static_n)
+    if name == "hpa-utilization":
+        return UtilizationAutoscaler(exp.hpa_metric, exp.hpa_target, hpa)
+    if name == "keda-queue":
+        return QueueLengthAutoscaler(exp.keda_target, hpa)
+    if name == "llumnix-freeness":
+        return FreenessAutoscaler(bounds=bounds)
+    if name == "chiron":
+        c = exp.chiron
+        chiron_bounds = {
+            Pool.INTERACTIVE: PoolBounds(c.bounds[Pool.INTERACTIVE].min, cap),
+            Pool.MIXED: PoolBounds(c.bounds[Pool.MIXED].min, cap),
+            Pool.BATCH: PoolBounds(c.bounds[Pool.BATCH].min, cap),
+        }
+        return ChironAutoscaler(replace(c, bounds=chiron_bounds))
+    raise ValueError(f"policy {name!r}: choose from {', '.join(POLICIES)} or 'all'")
+
+
+def initial_replicas(policy: Autoscaler, exp: Experiment, peak: PeakEstimate) -> dict[Pool, int]:
+    """Every autoscaled policy starts warm, sized for the busiest of the first three minutes: a
+    trace's first minute under-counts (requests already in flight when recording began are not in
+    it), while the fleet it was recorded on had been running. Static starts at its fixed size."""
+    if isinstance(policy, StaticAutoscaler):
+        return {Pool.MIXED: policy.replicas}
+    per_minute = exp.trace.per_minute_rate()
+    rate = float(per_minute[:3].max()) if len(per_minute) else 0.0
+    n0 = max(2, math.ceil(rate / peak.capacity_rps)) if peak.capacity_rps > 0 else 2
+    if Pool.INTERACTIVE in policy.pools:
+        mixed = max(1, math.ceil(exp.chiron.mixed_fraction * n0))
+        return {Pool.INTERACTIVE: max(1, n0 - mixed), Pool.MIXED: mixed}
+    return {Pool.MIXED: n0}
+
+
+def run(
+    exp: Experiment,
+    names: list[str],
+    progress: Callable[[str], None] = lambda _: None,
+    peak: PeakEstimate | None = None,
+) -> tuple[PeakEstimate, list[SimResult]]:
+    peak = peak or size(exp)
+    progress(f"sizing: {peak.describe()}")
+    results = []
+    for name in names:
+        policy = build_policy(name, exp, peak)
+        cfg = SimConfig(
+            calibration=exp.calibration, slo=exp.slo, initial_replicas=initial_replicas(policy, exp, peak)
+        )
+        t0 = time.perf_counter()
+        result = Simulator(exp.trace, exp.jobs, policy, cfg).run()
+        result.wall_s = time.perf_counter() - t0
+        progress(f"{name}: done in {result.wall_s:.1f} s")
+        results.append(result)
+    return peak, results

@@ -1,0 +1,847 @@
+"""The discrete-event fleet simulator.
+
+Instance model (why it is fast): between two events of an instance its batch does not change, so
+each iteration takes the same time `calibration.step_s(tokens, context)` and every running request
+gains one token per iteration. The instance therefore keeps a *step counter*; a request that starts
+decoding at step s0 with n tokens to go finishes at step s0 + n, and a heap of finish steps gives
+the next completion in O(log n). Prefill runs chunked alongside the decodes (vLLM's chunked
+prefill): each iteration takes up to `max_batched_tokens - running` prompt tokens of the request at
+the head of the engine queue. KV use is prompt + generated tokens of the running requests (plus the
+prompt being prefilled); when decoding would overflow the capacity, the engine preempts its newest
+request (vLLM's recompute preemption) and re-prefills it later with its generated tokens. Events
+are re-planned at each change and at every local tick, so the growth of context within an interval
+is the only approximation.
+
+Fleet model: a gateway queue per class (interactive FIFO, batch earliest-deadline-first), dispatch
+by the injected dispatch function (default: `slofleet.policies.dispatch.choose`, the gateway's own
+policy), the local autoscaler every `local_interval_s` when the policy uses it, the global
+autoscaler every `control_interval_s`, cold starts from the calibration, and drain before removal
+(batch work is pushed back to the queue with its generated tokens, as the gateway's resume path
+does; queued interactive work is re-dispatched).
+
+Every policy decision goes through the same pure functions the runtimes call; the simulator only
+builds their inputs (`InstanceLoad`, `FleetObservation`, `LocalObservation`) from its state.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from slofleet.calibration import EngineCalibration
+from slofleet.instance import InstanceLoad, Pool, RequestClass, RequestInfo
+from slofleet.policies import dispatch as dispatch_policy
+from slofleet.policies.freeness import compute_freeness
+from slofleet.policies.global_autoscaler import Autoscaler, BatchGroup, FleetObservation, ScaleDecision
+from slofleet.policies.local_autoscaler import (
+    LocalAutoscalerConfig,
+    LocalAutoscalerState,
+    LocalObservation,
+    next_limit,
+)
+from slofleet.policies.preemption import choose_preemption_instance, select_batch_evictions
+from slofleet.sim.traces import Trace
+from slofleet.sim.workload import BatchJob
+
+DispatchFn = Callable[[Sequence[InstanceLoad], RequestInfo], str | None]
+"""(eligible instance loads, request) -> chosen instance id, or None when none has room."""
+
+_EPS = 1e-6
+INTERACTIVE, BATCH = 0, 1
+_DISPATCH_PARAMS = dispatch_policy.DispatchParams()
+
+
+def gateway_dispatch(loads: Sequence[InstanceLoad], request: RequestInfo) -> str | None:
+    """The gateway's dispatch policy (Llumnix freeness, `slofleet.policies.dispatch.choose`)."""
+    req = dispatch_policy.DispatchRequest(
+        prompt_tokens=request.prompt_tokens + request.generated_tokens,
+        max_tokens=max(request.max_tokens - request.generated_tokens, 1),
+        priority=request.priority,
+        request_class=request.request_class,
+    )
+    return dispatch_policy.choose(loads, req, _DISPATCH_PARAMS).instance_id
+
+
+@dataclass(frozen=True)
+class SloSpec:
+    ttft_s: float = 1.0
+    itl_s: float = 0.1
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    calibration: EngineCalibration
+    slo: SloSpec = field(default_factory=SloSpec)
+    initial_replicas: dict[Pool, int] = field(default_factory=lambda: {Pool.MIXED: 1})
+    control_interval_s: float = 5.0
+    local_interval_s: float = 1.0
+    sample_interval_s: float = 10.0
+    attainment_window_s: float = 60.0
+    local_autoscaler: LocalAutoscalerConfig | None = None
+    dispatch: DispatchFn = gateway_dispatch
+    # Without a local autoscaler the gateway forwards up to this many times max_num_seqs to an
+    # instance and the engine queues the rest (vLLM accepts everything; this only bounds memory).
+    unmanaged_limit_factor: int = 4
+    # Simulated time is at least this long (GPU-hours are counted up to it for every policy).
+    horizon_s: float = 0.0
+    # Give up on work still unfinished this long after the horizon (counted as missed).
+    max_overrun_s: float = 7200.0
+
+
+class Req:
+    __slots__ = (
+        "admit_t", "arrival", "cls", "ctx0", "deadline", "done", "evictions", "finish_step",
+        "first_token", "inst", "job", "output", "prompt", "rid", "s0",
+    )  # fmt: skip
+
+    def __init__(
+        self, rid: int, cls: int, arrival: float, prompt: int, output: int, job: int, deadline: float
+    ):
+        self.rid = rid
+        self.cls = cls
+        self.arrival = arrival
+        self.prompt = prompt
+        self.output = output
+        self.job = job
+        self.deadline = deadline
+        self.done = 0
+        self.first_token = -1.0
+        self.admit_t = 0.0
+        self.inst: Inst | None = None
+        self.s0 = 0.0
+        self.ctx0 = 0
+        self.finish_step = 0.0
+        self.evictions = 0
+
+    def info(self) -> RequestInfo:
+        return RequestInfo(
+            request_id=str(self.rid),
+            request_class=RequestClass.BATCH if self.cls == BATCH else RequestClass.INTERACTIVE,
+            priority=self.cls,
+            prompt_tokens=self.prompt,
+            max_tokens=self.output,
+            generated_tokens=self.done,
+        )
+
+
+class Inst:
+    """One simulated engine instance (see the module docstring for the model)."""
+
+    def __init__(self, sim: Simulator, idx: int, pool: Pool, t: float, ready_at: float, limit: int):
+        self.sim = sim
+        self.cal = sim.cal
+        self.idx = idx
+        self.iid = f"{pool.value}-{idx}"
+        self.pool = pool
+        self.start_t = t
+        self.ready_at = ready_at
+        self.stop_t = -1.0
+        self.ready = False
+        self.draining = False
+        self.limit = limit
+        self.local_state: LocalAutoscalerState | None = None
+        self.eq_i: deque[Req] = deque()
+        self.eq_b: deque[Req] = deque()
+        self.pf: Req | None = None
+        self.pf_left = 0.0
+        self.pf_ctx = 0
+        self.run: dict[int, Req] = {}
+        self.heap: list[tuple[float, int]] = []
+        self.steps = 0.0
+        self.t_last = t
+        self.dt = self.cal.step_s(0, 0)
+        self.chunk = 0.0
+        self.sum_ctx0 = 0
+        self.sum_s0 = 0.0
+        self.version = 0
+        self.n_batch = 0
+        self.tokens = 0.0
+        self.gen_tokens = 0.0
+        self.preemptions = 0
+        self.win_ttft: list[float] = []
+        self.win_itl: list[float] = []
+        self.last_tokens = 0.0
+        self.last_gen = 0.0
+        self.last_preemptions = 0
+        self.snapshot: InstanceLoad | None = None
+
+    # ---- state -------------------------------------------------------------------------------
+    @property
+    def in_flight(self) -> int:
+        return len(self.run) + (1 if self.pf is not None else 0) + len(self.eq_i) + len(self.eq_b)
+
+    def kv_used(self) -> float:
+        return self.sum_ctx0 + len(self.run) * self.steps - self.sum_s0 + self.pf_ctx
+
+    def load(self) -> InstanceLoad:
+        """This instance as the sidecar would report it (cached until the state changes)."""
+        if self.snapshot is None:
+            cal = self.cal
+            total = cal.kv_capacity_tokens // cal.block_size_tokens
+            used = min(total, math.ceil(self.kv_used() / cal.block_size_tokens))
+            running = len(self.run) + (1 if self.pf is not None else 0)
+            fr = compute_freeness(
+                total_blocks=total,
+                used_blocks=used,
+                running_requests=running,
+                block_size_tokens=cal.block_size_tokens,
+                draining=self.draining,
+            ).freeness
+            self.snapshot = InstanceLoad(
+                instance_id=self.iid,
+                running_requests=running,
+                waiting_requests=len(self.eq_i) + len(self.eq_b),
+                kv_usage_fraction=used / total,
+                kv_total_blocks=total,
+                kv_free_blocks=total - used,
+                block_size_tokens=cal.block_size_tokens,
+                concurrency_limit=self.limit,
+                draining=self.draining,
+                pool=self.pool,
+                generation_tokens_per_second=self.sim.gen_rate.get(self.idx, 0.0),
+                preemptions_total=self.preemptions,
+                freeness=fr,
+            )
+        return self.snapshot
+
+    # ---- time ------------------------------------------------------------------------------
+    def advance(self, t: float) -> None:
+        if t <= self.t_last:
+            return
+        ds = (t - self.t_last) / self.dt
+        n = len(self.run)
+        self.steps += ds
+        self.gen_tokens += n * ds
+        self.tokens += n * ds
+        if self.pf is not None:
+            d = min(ds * self.chunk, self.pf_left)
+            self.pf_left -= d
+            self.tokens += d
+        self.t_last = t
+        self.snapshot = None
+
+    def plan(self) -> None:
+        """Schedule this instance's next event from its current (constant) rates."""
+        self.version += 1
+        self.snapshot = None
+        run = self.run
+        heap = self.heap
+        while heap and (heap[0][1] not in run or run[heap[0][1]].finish_step != heap[0][0]):
+            heapq.heappop(heap)
+        n = len(run)
+        cal = self.cal
+        if self.pf is not None:
+            # Full chunks until the last one, which carries only what is left of the prompt.
+            self.chunk = min(max(1.0, float(cal.max_batched_tokens - n)), max(self.pf_left, _EPS))
+        else:
+            self.chunk = 0.0
+        ctx = self.sum_ctx0 + n * self.steps - self.sum_s0
+        self.dt = cal.step_s(n + self.chunk, ctx)
+        best = math.inf
+        if self.pf is not None:
+            best = max(1.0, math.floor(self.pf_left / self.chunk + _EPS))
+        if heap:
+            best = min(best, heap[0][0] - self.steps)
+        if n:
+            best = min(best, (cal.kv_capacity_tokens - self.kv_used()) / n)
+        if best < math.inf:
+            self.sim.push(self.t_last + max(best, 0.0) * self.dt, 0, self.idx, self.version)
+
+    # ---- engine actions ----------------------------------------------------------------------
+    def on_event(self, t: float) -> None:
+        self.advance(t)
+        sim = self.sim
+        if self.pf is not None and self.pf_left <= 1e-3:
+            r = self.pf
+            self.pf = None
+            self.pf_ctx = 0
+            self.pf_left = 0.0
+            if r.first_token < 0:
+                r.first_token = t
+                if r.cls == INTERACTIVE:
+                    self.win_ttft.append(t - r.admit_t)
+            r.done += 1
+            if r.done >= r.output:
+                sim.complete(r, self, t)
+            else:
+                r.s0 = self.steps
+                r.ctx0 = r.prompt + r.done
+                r.finish_step = self.steps + (r.output - r.done)
+                self.run[r.rid] = r
+                self.sum_ctx0 += r.ctx0
+                self.sum_s0 += r.s0
+                heapq.heappush(self.heap, (r.finish_step, r.rid))
+        heap, run = self.heap, self.run
+        limit = self.steps + _EPS
+        while heap and heap[0][0] <= limit:
+            fs, rid = heapq.heappop(heap)
+            r2 = run.get(rid)
+            if r2 is None or r2.finish_step != fs:
+                continue
+            self._remove_running(r2)
+            r2.done = r2.output
+            sim.complete(r2, self, t)
+        if run and self.kv_used() >= self.cal.kv_capacity_tokens - 0.5:
+            self._preempt_newest()
+        self.try_start()
+        self.plan()
+        sim.after_change(self, t)
+
+    def _remove_running(self, r: Req) -> None:
+        del self.run[r.rid]
+        self.sum_ctx0 -= r.ctx0
+        self.sum_s0 -= r.s0
+
+    def _preempt_newest(self) -> None:
+        # vLLM preempts the lowest-priority, most recently scheduled request (batch first).
+        victim = max(self.run.values(), key=lambda r: (r.cls, r.s0, r.rid))
+        victim.done = min(victim.output - 1, victim.done + int(self.steps - victim.s0))
+        self._remove_running(victim)
+        (self.eq_b if victim.cls == BATCH else self.eq_i).appendleft(victim)
+        self.preemptions += 1
+
+    def try_start(self) -> None:
+        """Start prefilling the head of the engine queue (interactive first) if KV and
+        max_num_seqs allow; an interactive head preempts running batch work to get them
+        (vLLM's `--scheduling-policy priority`)."""
+        if self.pf is not None:
+            return
+        q = self.eq_i if self.eq_i else self.eq_b
+        if not q:
+            return
+        r = q[0]
+        need = r.prompt + r.done
+        cap = self.cal.kv_capacity_tokens
+        while (len(self.run) >= self.cal.max_num_seqs or (self.kv_used() + need > cap and self.run)) and (
+            q is self.eq_i and any(x.cls == BATCH for x in self.run.values())
+        ):
+            self._preempt_newest()
+        if len(self.run) >= self.cal.max_num_seqs or (self.kv_used() + need > cap and self.run):
+            return
+        q.popleft()
+        self.pf = r
+        self.pf_left = float(need)
+        self.pf_ctx = need
+
+    def admit(self, r: Req, t: float) -> None:
+        self.advance(t)
+        r.inst = self
+        r.admit_t = t
+        if r.cls == BATCH:
+            self.eq_b.append(r)
+            self.n_batch += 1
+        else:
+            self.eq_i.append(r)
+        self.try_start()
+        self.plan()
+
+    def evict(self, r: Req, t: float) -> None:
+        """Take `r` off this instance keeping its generated tokens (gateway resume path)."""
+        self.advance(t)
+        if self.pf is r:
+            self.pf = None
+            self.pf_ctx = 0
+            self.pf_left = 0.0
+        elif r.rid in self.run:
+            r.done = min(r.output - 1, r.done + int(self.steps - r.s0))
+            self._remove_running(r)
+        else:
+            (self.eq_b if r.cls == BATCH else self.eq_i).remove(r)
+        if r.cls == BATCH:
+            self.n_batch -= 1
+        r.inst = None
+        r.evictions += 1
+        self.try_start()
+        self.plan()
+
+    def requests(self) -> list[Req]:
+        out = list(self.run.values())
+        if self.pf is not None:
+            out.append(self.pf)
+        out.extend(self.eq_i)
+        out.extend(self.eq_b)
+        return out
+
+
+@dataclass
+class SimResult:
+    policy: str
+    duration_s: float
+    gpu_hours: float
+    interactive_total: int
+    interactive_met: int
+    ttft: np.ndarray
+    itl: np.ndarray
+    batch_total: int
+    batch_on_time: int
+    batch_unfinished: int
+    scale_events: list[tuple[float, str, int, int, str]]
+    migrations: int
+    evictions: int
+    preemptions: int
+    peak_replicas: int
+    samples: dict[str, list[float]]
+    wall_s: float = 0.0
+
+    @property
+    def interactive_attainment(self) -> float:
+        return self.interactive_met / self.interactive_total if self.interactive_total else 1.0
+
+    @property
+    def batch_on_time_fraction(self) -> float:
+        return self.batch_on_time / self.batch_total if self.batch_total else 1.0
+
+
+class Simulator:
+    def __init__(
+        self, trace: Trace, jobs: Sequence[BatchJob], autoscaler: Autoscaler, config: SimConfig
+    ) -> None:
+        self.trace = trace
+        self.jobs = sorted(jobs, key=lambda j: j.submit_s)
+        self.policy = autoscaler
+        self.cfg = config
+        self.cal = config.calibration
+        self.local_cfg = config.local_autoscaler or LocalAutoscalerConfig(
+            ttft_slo_s=config.slo.ttft_s, itl_slo_s=config.slo.itl_s, max_limit=self.cal.max_num_seqs
+        )
+        self.events: list[tuple[float, int, int, int, int]] = []
+        self.seq = 0
+        self.instances: list[Inst] = []
+        self.live: list[Inst] = []
+        self.giq: deque[Req] = deque()
+        self.gbq: list[tuple[float, int, Req]] = []
+        self.gen_rate: dict[int, float] = {}
+        self.interactive_pools = {Pool.INTERACTIVE, Pool.MIXED}
+        self.batch_pools = {Pool.BATCH, Pool.MIXED}
+        # results
+        self.ttft: list[float] = []
+        self.itl: list[float] = []
+        self.int_met = 0
+        self.int_total = 0
+        self.batch_total = sum(len(j) for j in self.jobs)
+        self.batch_on_time = 0
+        self.batch_done = 0
+        self.int_in_flight = 0
+        self.batch_in_flight = 0
+        self.job_queued = [0] * len(self.jobs)
+        self.job_in_flight = [0] * len(self.jobs)
+        self.window: deque[tuple[float, int]] = deque()
+        self.window_met = 0
+        self.scale_events: list[tuple[float, str, int, int, str]] = []
+        self.evictions = 0
+        self.migrations = 0
+        self.samples: dict[str, list[float]] = {
+            k: []
+            for k in (
+                "t", "interactive_rps", "batch_rps", "interactive", "mixed", "batch", "ready",
+                "attainment", "batch_queue", "interactive_queue",
+            )
+        }  # fmt: skip
+        self._arrivals_since_sample = [0, 0]
+        self._win_total_since_sample = [0, 0]
+
+    # ---- event plumbing ----------------------------------------------------------------------
+    def push(self, t: float, kind: int, idx: int, version: int) -> None:
+        self.seq += 1
+        heapq.heappush(self.events, (t, self.seq, kind, idx, version))
+
+    def launch(self, pool: Pool, t: float, ready: bool = False) -> Inst:
+        limit = (
+            LocalAutoscalerState.initial(self.local_cfg).limit
+            if self.policy.uses_local_autoscaler
+            else self.cfg.unmanaged_limit_factor * self.cal.max_num_seqs
+        )
+        inst = Inst(self, len(self.instances), pool, t, t if ready else t + self.cal.cold_start_s, limit)
+        if self.policy.uses_local_autoscaler:
+            inst.local_state = LocalAutoscalerState.initial(self.local_cfg)
+        self.instances.append(inst)
+        self.live.append(inst)
+        if ready:
+            inst.ready = True
+        else:
+            self.push(inst.ready_at, 1, inst.idx, 0)
+        return inst
+
+    def stop(self, inst: Inst, t: float) -> None:
+        inst.stop_t = t
+        inst.ready = False
+        self.live.remove(inst)
+
+    # ---- gateway -----------------------------------------------------------------------------
+    def _candidates(self, cls: int) -> list[InstanceLoad]:
+        pools = self.interactive_pools if cls == INTERACTIVE else self.batch_pools
+        reserve = 0 if cls == INTERACTIVE else _DISPATCH_PARAMS.batch_reserve_slots
+        return [
+            i.load()
+            for i in self.live
+            if i.ready and not i.draining and i.pool in pools and i.in_flight < i.limit - reserve
+        ]
+
+    def _dispatch(self, r: Req, t: float) -> bool:
+        cands = self._candidates(r.cls)
+        if not cands:
+            return False
+        chosen = self.cfg.dispatch(cands, r.info())
+        if chosen is None:
+            return False
+        inst = self.instances[int(chosen.rsplit("-", 1)[1])]
+        self._admit(r, inst, t)
+        return True
+
+    def _admit(self, r: Req, inst: Inst, t: float) -> None:
+        if r.cls == BATCH:
+            self.job_queued[r.job] -= 1
+            self.job_in_flight[r.job] += 1
+            self.batch_in_flight += 1
+        else:
+            self.int_in_flight += 1
+        inst.admit(r, t)
+
+    def _preempt_for(self, r: Req, t: float) -> bool:
+        """Interactive arrival, no room: evict batch work from a mixed instance (Chiron)."""
+        mixed = [i for i in self.live if i.ready and not i.draining and i.pool == Pool.MIXED and i.n_batch]
+        if not mixed:
+            return False
+        by_id = {i.iid: i for i in mixed}
+        loads = []
+        for i in mixed:
+            base = i.load()
+            reqs = tuple(q.info() for q in i.requests() if q.cls == BATCH)
+            loads.append(
+                InstanceLoad(
+                    instance_id=base.instance_id,
+                    running_requests=base.running_requests,
+                    waiting_requests=base.waiting_requests,
+                    kv_usage_fraction=base.kv_usage_fraction,
+                    kv_total_blocks=base.kv_total_blocks,
+                    kv_free_blocks=base.kv_free_blocks,
+                    block_size_tokens=base.block_size_tokens,
+                    concurrency_limit=base.concurrency_limit,
+                    pool=base.pool,
+                    requests=reqs,
+                )
+            )
+        target_id = choose_preemption_instance(loads)
+        if target_id is None:
+            return False
+        inst = by_id[target_id]
+        batch_reqs = [q for q in inst.requests() if q.cls == BATCH]
+        started = {str(q.rid): (q is inst.pf or q.rid in inst.run) for q in batch_reqs}
+        need = inst.in_flight - inst.limit + 1
+        victims = set(select_batch_evictions([q.info() for q in batch_reqs], need, started))
+        for q in batch_reqs:
+            if str(q.rid) in victims:
+                self._evict(q, inst, t)
+        if inst.in_flight >= inst.limit:
+            return False
+        self._admit(r, inst, t)
+        return True
+
+    def _evict(self, q: Req, inst: Inst, t: float) -> None:
+        inst.evict(q, t)
+        self.evictions += 1
+        if q.cls == BATCH:
+            self.batch_in_flight -= 1
+            self.job_in_flight[q.job] -= 1
+            self.job_queued[q.job] += 1
+            self.seq += 1
+            heapq.heappush(self.gbq, (q.deadline, self.seq, q))
+        else:
+            self.int_in_flight -= 1
+            self.giq.appendleft(q)
+
+    def release(self, t: float) -> None:
+        """Send queued work to instances with room: interactive first, then batch by deadline."""
+        while self.giq:
+            if not self._dispatch(self.giq[0], t):
+                break
+            self.giq.popleft()
+        while self.gbq:
+            if not self._dispatch(self.gbq[0][2], t):
+                break
+            heapq.heappop(self.gbq)
+
+    def arrive_interactive(self, r: Req, t: float) -> None:
+        self._arrivals_since_sample[0] += 1
+        if self.giq or not self._dispatch(r, t):
+            if not (self.policy.preempts_batch and not self.giq and self._preempt_for(r, t)):
+                self.giq.append(r)
+
+    def complete(self, r: Req, inst: Inst, t: float) -> None:
+        if r.cls == BATCH:
+            inst.n_batch -= 1
+            self.batch_in_flight -= 1
+            self.job_in_flight[r.job] -= 1
+            self.batch_done += 1
+            if t <= r.deadline + _EPS:
+                self.batch_on_time += 1
+            return
+        self.int_in_flight -= 1
+        ttft = r.first_token - r.arrival
+        itl = (t - r.first_token) / (r.output - 1) if r.output > 1 else 0.0
+        if r.output > 1:
+            inst.win_itl.append(itl)
+        met = ttft <= self.cfg.slo.ttft_s and itl <= self.cfg.slo.itl_s
+        self.ttft.append(ttft)
+        self.itl.append(itl)
+        self.int_total += 1
+        self.int_met += met
+        self.window.append((t, int(met)))
+        self.window_met += met
+
+    def after_change(self, inst: Inst, t: float) -> None:
+        if inst.draining and inst.in_flight == 0:
+            self.stop(inst, t)
+            return
+        if (self.giq or self.gbq) and inst.ready and not inst.draining:
+            self.release(t)
+
+    # ---- control -----------------------------------------------------------------------------
+    def local_tick(self, t: float) -> None:
+        cfg = self.local_cfg
+        dt = self.cfg.local_interval_s
+        for inst in self.live:
+            if not inst.ready:
+                continue
+            inst.advance(t)
+            tok = (inst.tokens - inst.last_tokens) / dt
+            self.gen_rate[inst.idx] = (inst.gen_tokens - inst.last_gen) / dt
+            new_pre = inst.preemptions - inst.last_preemptions
+            inst.last_tokens, inst.last_gen, inst.last_preemptions = (
+                inst.tokens,
+                inst.gen_tokens,
+                inst.preemptions,
+            )
+            if inst.local_state is not None:
+                latency_bound = inst.pool != Pool.BATCH
+                obs = LocalObservation(
+                    ttft_p99_s=_p99(inst.win_ttft) if latency_bound else 0.0,
+                    itl_p99_s=_p99(inst.win_itl) if latency_bound else 0.0,
+                    throughput_tokens_per_s=tok,
+                    in_flight=inst.in_flight,
+                    kv_usage_fraction=inst.kv_used() / self.cal.kv_capacity_tokens,
+                    new_preemptions=new_pre,
+                )
+                inst.local_state = next_limit(inst.local_state, obs, cfg)
+                inst.limit = inst.local_state.limit
+            inst.win_ttft.clear()
+            inst.win_itl.clear()
+            inst.plan()
+        if self.giq or self.gbq:
+            self.release(t)
+
+    def _attainment(self, t: float) -> float | None:
+        horizon = t - self.cfg.attainment_window_s
+        w = self.window
+        while w and w[0][0] < horizon:
+            self.window_met -= w.popleft()[1]
+        return self.window_met / len(w) if w else None
+
+    def replicas(self) -> dict[Pool, int]:
+        out = dict.fromkeys(self.policy.pools, 0)
+        for i in self.live:
+            if not i.draining:
+                out[i.pool] = out.get(i.pool, 0) + 1
+        return out
+
+    def observe(self, t: float) -> FleetObservation:
+        groups = tuple(
+            BatchGroup(
+                j.job_id,
+                self.job_queued[k],
+                self.job_in_flight[k],
+                j.expected_output_tokens,
+                j.deadline_s,
+            )
+            for k, j in enumerate(self.jobs)
+            if j.submit_s <= t and (self.job_queued[k] or self.job_in_flight[k])
+        )
+        for i in self.live:
+            i.advance(t)
+        return FleetObservation(
+            now_s=t,
+            replicas=self.replicas(),
+            loads=tuple(i.load() for i in self.live if i.ready),
+            interactive_in_flight=self.int_in_flight,
+            interactive_queued=len(self.giq),
+            batch_in_flight=self.batch_in_flight,
+            batch_queued=len(self.gbq),
+            interactive_attainment=self._attainment(t),
+            batch_groups=groups,
+        )
+
+    def control_tick(self, t: float) -> None:
+        decision = self.policy.decide(self.observe(t))
+        self.apply(decision, t)
+
+    def apply(self, d: ScaleDecision, t: float) -> None:
+        cur = self.replicas()
+        for pool, target in d.targets.items():
+            have = cur.get(pool, 0)
+            if target == have:
+                continue
+            self.scale_events.append((t, pool.value, have, target, d.reasons.get(pool, "")))
+            if target > have:
+                for _ in range(target - have):
+                    self.launch(pool, t)
+                continue
+            excess = have - target
+            starting = [i for i in self.live if i.pool == pool and not i.ready and not i.draining]
+            for inst in reversed(starting):
+                if excess == 0:
+                    break
+                self.stop(inst, t)
+                excess -= 1
+            chosen = list(d.scale_in.get(pool, ()))
+            by_id = {i.iid: i for i in self.live if i.pool == pool and i.ready and not i.draining}
+            for iid in chosen:
+                if excess == 0:
+                    break
+                inst = by_id.pop(iid, None)
+                if inst is not None:
+                    self.drain(inst, t)
+                    excess -= 1
+            for inst in sorted(by_id.values(), key=lambda i: (i.in_flight, i.iid)):
+                if excess == 0:
+                    break
+                self.drain(inst, t)
+                excess -= 1
+        if self.giq or self.gbq:
+            self.release(t)
+
+    def drain(self, inst: Inst, t: float) -> None:
+        inst.draining = True
+        inst.snapshot = None
+        for q in inst.requests():
+            if q.cls == BATCH or q in inst.eq_i:
+                self._evict(q, inst, t)
+        if inst.in_flight == 0:
+            self.stop(inst, t)
+
+    def sample(self, t: float) -> None:
+        s = self.samples
+        dt = self.cfg.sample_interval_s
+        s["t"].append(t)
+        s["interactive_rps"].append(self._arrivals_since_sample[0] / dt)
+        s["batch_rps"].append(self._arrivals_since_sample[1] / dt)
+        self._arrivals_since_sample = [0, 0]
+        reps = self.replicas()
+        for p in (Pool.INTERACTIVE, Pool.MIXED, Pool.BATCH):
+            s[p.value].append(reps.get(p, 0))
+        s["ready"].append(sum(1 for i in self.live if i.ready))
+        att = self._attainment(t)
+        s["attainment"].append(math.nan if att is None else att)
+        s["batch_queue"].append(len(self.gbq))
+        s["interactive_queue"].append(len(self.giq))
+
+    # ---- main loop ---------------------------------------------------------------------------
+    def run(self) -> SimResult:
+        cfg = self.cfg
+        for pool, n in cfg.initial_replicas.items():
+            for _ in range(n):
+                self.launch(pool, 0.0, ready=True)
+        arr_t = self.trace.arrival_s
+        arr_p = self.trace.prompt_tokens.tolist()
+        arr_o = self.trace.output_tokens.tolist()
+        n_int = len(arr_t)
+        arr_tl = arr_t.tolist()
+        ai = 0
+        ji = 0
+        horizon = max(
+            cfg.horizon_s,
+            self.trace.duration_s,
+            max((j.deadline_s for j in self.jobs), default=0.0),
+        )
+        next_local = cfg.local_interval_s
+        next_control = cfg.control_interval_s
+        next_sample = cfg.sample_interval_s
+        events = self.events
+        instances = self.instances
+        rid = n_int
+        t = 0.0
+        inf = math.inf
+        while True:
+            t_arr = arr_tl[ai] if ai < n_int else inf
+            t_job = self.jobs[ji].submit_s if ji < len(self.jobs) else inf
+            t_ev = events[0][0] if events else inf
+            t_tick = min(next_local, next_control, next_sample)
+            t = min(t_arr, t_job, t_ev, t_tick)
+            if t == t_tick and t_tick <= min(t_arr, t_job, t_ev):
+                done = ai >= n_int and ji >= len(self.jobs) and self.int_in_flight == 0
+                done = done and not self.giq and self.batch_done >= self.batch_total
+                if (done and t >= horizon) or t > horizon + cfg.max_overrun_s:
+                    break
+                if t == next_local:
+                    self.local_tick(t)
+                    next_local += cfg.local_interval_s
+                if t == next_control:
+                    self.control_tick(t)
+                    next_control += cfg.control_interval_s
+                if t == next_sample:
+                    self.sample(t)
+                    next_sample += cfg.sample_interval_s
+                continue
+            if t == t_ev:
+                _, _, kind, idx, version = heapq.heappop(events)
+                inst = instances[idx]
+                if inst.stop_t >= 0:
+                    continue
+                if kind == 1:
+                    inst.ready = True
+                    inst.t_last = t
+                    inst.plan()
+                    if self.giq or self.gbq:
+                        self.release(t)
+                elif version == inst.version:
+                    inst.on_event(t)
+                continue
+            if t == t_arr:
+                r = Req(ai, INTERACTIVE, t, arr_p[ai], arr_o[ai], -1, inf)
+                ai += 1
+                self.arrive_interactive(r, t)
+                continue
+            job = self.jobs[ji]
+            for p, o in zip(job.prompt_tokens.tolist(), job.output_tokens.tolist(), strict=True):
+                r = Req(rid, BATCH, t, p, o, ji, job.deadline_s)
+                rid += 1
+                self.seq += 1
+                heapq.heappush(self.gbq, (job.deadline_s, self.seq, r))
+            self.job_queued[ji] += len(job)
+            self._arrivals_since_sample[1] += len(job)
+            ji += 1
+            self.release(t)
+        end = t
+        gpu_s = sum((i.stop_t if i.stop_t >= 0 else end) - i.start_t for i in self.instances)
+        unfinished_int = n_int - self.int_total
+        return SimResult(
+            policy=self.policy.name,
+            duration_s=end,
+            gpu_hours=gpu_s / 3600.0,
+            interactive_total=self.int_total + unfinished_int,
+            interactive_met=self.int_met,
+            ttft=np.asarray(self.ttft),
+            itl=np.asarray(self.itl),
+            batch_total=self.batch_total,
+            batch_on_time=self.batch_on_time,
+            batch_unfinished=self.batch_total - self.batch_done,
+            scale_events=self.scale_events,
+            migrations=self.migrations,
+            evictions=self.evictions,
+            preemptions=sum(i.preemptions for i in self.instances),
+            peak_replicas=int(
+                max((sum(v) for v in zip(*(self.samples[p.value] for p in Pool), strict=True)), default=0)
+            ),
+            samples=self.samples,
+        )
+
+
+def _p99(values: list[float]) -> float:
+    if not values:
+        return 0.0
+    s = sorted(values)
+    return s[min(len(s) - 1, math.ceil(0.99 * len(s)) - 1)]

@@ -1,0 +1,91 @@
+"""Sizing from the instance model: how many requests per second one instance carries within the
+SLO, and from that the instance count a trace needs at its peak.
+
+Why: "static provisioning for the peak" and "a trace scaled so that its peak needs 50 instances"
+both need the capacity of one instance for the trace's request mix. It is measured here with the
+simulator itself (one instance, Poisson arrivals with the trace's lengths, bisection on the rate
+until the interactive SLO attainment target just holds), so it uses exactly the engine model the
+fleet runs are judged with.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from slofleet.calibration import EngineCalibration
+from slofleet.instance import Pool
+from slofleet.policies.baselines import StaticAutoscaler
+from slofleet.sim.simulator import SimConfig, Simulator, SloSpec
+from slofleet.sim.traces import Trace
+from slofleet.sim.workload import BatchJob
+
+
+def poisson_like(trace: Trace, rate: float, duration_s: float, seed: int) -> Trace:
+    rng = np.random.default_rng(seed)
+    n = max(1, int(rate * duration_s))
+    t = np.cumsum(rng.exponential(1.0 / rate, n))
+    idx = rng.integers(0, len(trace), n)
+    return Trace(f"{trace.name}-poisson", t, trace.prompt_tokens[idx], trace.output_tokens[idx])
+
+
+def instance_capacity_rps(
+    trace: Trace,
+    calibration: EngineCalibration,
+    slo: SloSpec,
+    *,
+    attainment: float = 0.99,
+    duration_s: float = 300.0,
+    seed: int = 0,
+) -> float:
+    """Highest Poisson arrival rate (req/s, the trace's length mix) that one instance serves with
+    interactive SLO attainment >= `attainment` (bisection, 12 probes)."""
+    lo, hi = 0.0, 1.0
+    cfg = SimConfig(calibration=calibration, slo=slo, initial_replicas={Pool.MIXED: 1})
+
+    def ok(rate: float) -> bool:
+        t = poisson_like(trace, rate, duration_s, seed)
+        res = Simulator(t, (), StaticAutoscaler(1), cfg).run()
+        return res.interactive_attainment >= attainment
+
+    while ok(hi) and hi < 1e4:
+        lo, hi = hi, hi * 2
+    for _ in range(12):
+        mid = (lo + hi) / 2
+        if ok(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+@dataclass(frozen=True)
+class PeakEstimate:
+    capacity_rps: float
+    interactive_peak_rps: float
+    batch_rps: float
+    instances: int
+
+    def describe(self) -> str:
+        return (
+            f"one instance carries {self.capacity_rps:.2f} req/s within the SLO; peak minute "
+            f"{self.interactive_peak_rps:.1f} req/s interactive + {self.batch_rps:.1f} req/s batch "
+            f"(spread over its deadlines) -> {self.instances} instances"
+        )
+
+
+def peak_instances(trace: Trace, jobs: list[BatchJob], capacity_rps: float) -> PeakEstimate:
+    """Instances for the busiest minute of interactive traffic plus batch work spread evenly
+    over each job's window (what a capacity planner provisioning for the peak would buy)."""
+    peak = float(trace.per_minute_rate().max()) if len(trace) else 0.0
+    batch = max(
+        (
+            sum(len(j) / max(j.deadline_s - j.submit_s, 1.0) for j in jobs if j.submit_s <= t < j.deadline_s)
+            for t in (j.submit_s for j in jobs)
+        ),
+        default=0.0,
+    )
+    n = max(1, math.ceil((peak + batch) / capacity_rps)) if capacity_rps > 0 else 1
+    return PeakEstimate(capacity_rps, peak, batch, n)
