@@ -17,6 +17,10 @@ import asyncio
 import contextlib
 import copy
 import itertools
+import os
+import signal
+import socket
+import sys
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -402,3 +406,49 @@ async def test_restart_mid_way_converges_without_duplicates(api: tuple[ApiServer
         assert posted - posts_before[res] == len(missing), (res, posted, missing)
     assert token(server) == token_before
     assert live(server, "apps/v1/deployments")["tiny-engine"]["metadata"]["resourceVersion"] == engine_rv
+
+
+async def test_slofleet_operator_command_with_a_kubeconfig(
+    api: tuple[ApiServer, str], tmp_path: Path
+) -> None:
+    """The shipped entry point: `slofleet operator --kubeconfig F` as its own process, with its
+    liveness endpoint, stopping cleanly on SIGTERM."""
+    server, url = api
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [{"name": "kmock", "cluster": {"server": url}}],
+                "users": [{"name": "tester", "user": {"token": "t0ken"}}],
+                "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "tester"}}],
+                "current-context": "kmock",
+            }
+        )
+    )
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "slofleet.cli", "operator", "-A", "--kubeconfig", str(kubeconfig),
+        "--liveness", f"http://127.0.0.1:{port}/healthz",
+        env={**os.environ, "SLOFLEET_IMAGE": "reg/x:1", "SLOFLEET_ENGINE_IMAGE": "reg/e:1"},
+    )  # fmt: skip
+    try:
+        await user("POST", llms_url(url), sample())
+        await until(lambda: owned(server) == OWNED, "every owned object", within=60)
+        engine = live(server, "apps/v1/deployments")["tiny-engine"]
+        assert {c["image"] for c in engine["spec"]["template"]["spec"]["containers"]} == {
+            "reg/x:1",
+            "reg/e:1",
+        }
+        assert any(r.headers.get("Authorization") == "Bearer t0ken" for r in list(server))
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"http://127.0.0.1:{port}/healthz") as resp,
+        ):
+            assert resp.status == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 30) == 0
