@@ -6,7 +6,6 @@ imports it. kopf's own bookkeeping lives in `slofleet.io/` annotations, never in
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -33,7 +32,6 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=API_GROUP, key="last-handled-configuration"
     )
-    settings.posting.level = logging.INFO
     memo.kube = KubeClient(memo.kube_config)
 
 

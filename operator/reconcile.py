@@ -45,8 +45,6 @@ class Outcome:
     actions: list[str] = field(default_factory=list)
     # Set when the spec cannot run: the reason and the message that names the field.
     invalid: tuple[str, str] | None = None
-    status: dict[str, Any] | None = None
-    found: bool = True
 
 
 def now_rfc3339() -> str:
@@ -171,7 +169,7 @@ async def reconcile(
     obj = await kube.get(LLMSERVICE, namespace, name)
     if obj is None or obj.get("metadata", {}).get("deletionTimestamp"):
         # Gone or going: its objects go with it through their ownerReferences.
-        return Outcome(found=False)
+        return Outcome()
     report = emit(obj)
     engine = await kube.get(KINDS["Deployment"], namespace, f"{name}-engine")
     try:
@@ -182,8 +180,8 @@ async def reconcile(
     else:
         invalid = ("UnsupportedSpec", "; ".join(str(p) for p in problems)) if problems else None
     if invalid is not None:
-        status = await _write_status(kube, obj, invalid_conditions(*invalid), engine, report)
-        return Outcome(invalid=invalid, status=status)
+        await _write_status(kube, obj, invalid_conditions(*invalid), engine, report)
+        return Outcome(invalid=invalid)
 
     outcome = Outcome()
     current_replicas = (engine or {}).get("spec", {}).get("replicas")
@@ -194,10 +192,9 @@ async def reconcile(
             else:
                 action, result = await apply_object(kube, desired, str(service.uid))
         except OwnershipConflict as exc:
-            status = await _write_status(
-                kube, obj, invalid_conditions("OwnershipConflict", str(exc)), engine, report
-            )
-            return Outcome(actions=outcome.actions, invalid=("OwnershipConflict", str(exc)), status=status)
+            conflict = ("OwnershipConflict", str(exc))
+            await _write_status(kube, obj, invalid_conditions(*conflict), engine, report)
+            return Outcome(actions=outcome.actions, invalid=conflict)
         what = f"{desired['kind']} {desired['metadata']['name']}"
         if action != "unchanged":
             outcome.actions.append(f"{action} {what}")
@@ -205,5 +202,5 @@ async def reconcile(
             log.info("%s/%s: %s %s", namespace, name, action, what)
         if desired["kind"] == "Deployment" and desired["metadata"]["name"] == engine_name(service):
             engine = result
-    outcome.status = await _write_status(kube, obj, deployment_conditions(engine), engine, report)
+    await _write_status(kube, obj, deployment_conditions(engine), engine, report)
     return outcome

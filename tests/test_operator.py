@@ -452,3 +452,21 @@ async def test_slofleet_operator_command_with_a_kubeconfig(
     finally:
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), 30) == 0
+
+
+async def test_someone_elses_object_is_never_taken_over(api: tuple[ApiServer, str]) -> None:
+    server, url = api
+    theirs = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "tiny-engine", "namespace": NS}}
+    await user("POST", f"{url}/api/v1/namespaces/{NS}/services", theirs)
+    async with operator(url):
+        await user("POST", llms_url(url), sample())
+        cond = await until(
+            lambda: (
+                condition(live(server, LLMS)["tiny"], "Degraded").get("reason") == "OwnershipConflict"
+                and condition(live(server, LLMS)["tiny"], "Degraded")
+            ),
+            "Degraded=OwnershipConflict",
+        )
+        assert "Service team-a/tiny-engine" in cond["message"]
+        assert "ownerReferences" not in live(server, "v1/services")["tiny-engine"]["metadata"]
+        assert requests(server, "PATCH", "/services/tiny-engine") == 0
