@@ -43,7 +43,10 @@ class Images:
     """Images the operator puts in pods; set by its environment so that deploy/ can pin them."""
 
     slofleet: str = f"ghcr.io/slofleet/slofleet:{__version__}"
+    # vLLM's CUDA image plus our plugin (docker/engine.Dockerfile): pods with GPUs.
     engine: str = f"ghcr.io/slofleet/slofleet-engine:{__version__}"
+    # vLLM's CPU build plus our plugin (docker/engine-cpu.Dockerfile): pods with resources.gpu 0.
+    engine_cpu: str = f"ghcr.io/slofleet/slofleet-engine-cpu:{__version__}"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Images:
@@ -52,7 +55,13 @@ class Images:
         return cls(
             slofleet=env.get("SLOFLEET_IMAGE") or default.slofleet,
             engine=env.get("SLOFLEET_ENGINE_IMAGE") or default.engine,
+            engine_cpu=env.get("SLOFLEET_ENGINE_CPU_IMAGE") or default.engine_cpu,
         )
+
+    def engine_for(self, spec: LLMServiceSpec) -> str:
+        if spec.engine.image:
+            return spec.engine.image
+        return self.engine if spec.engine.resources.gpu > 0 else self.engine_cpu
 
 
 def engine_name(service: LLMService) -> str:
@@ -179,7 +188,7 @@ def _engine_container(spec: LLMServiceSpec, images: Images) -> dict[str, Any]:
     health = {"httpGet": {"path": "/health", "port": "http"}}
     return {
         "name": "engine",
-        "image": spec.engine.image or images.engine,
+        "image": images.engine_for(spec),
         "command": ["python3", "-m", "vllm.entrypoints.openai.api_server"],
         "args": vllm_args(spec),
         "env": engine_env(spec),

@@ -44,7 +44,9 @@ OWNED = {
     "policy/v1/poddisruptionbudgets": {"tiny-engine"},
     "networking.k8s.io/v1/networkpolicies": {"tiny-sidecar-grpc"},
 }
-IMAGES = Images(slofleet="registry.test/slofleet:t", engine="registry.test/engine:t")
+IMAGES = Images(
+    slofleet="registry.test/slofleet:t", engine="registry.test/engine:t", engine_cpu="registry.test/cpu:t"
+)
 WAIT_S = 15.0
 
 pytestmark = pytest.mark.timeout(120)
@@ -258,7 +260,7 @@ async def test_create_renders_owned_objects_and_status(api: tuple[ApiServer, str
 
         engine = live(server, "apps/v1/deployments")["tiny-engine"]
         containers = {c["name"]: c for c in engine["spec"]["template"]["spec"]["containers"]}
-        assert containers["engine"]["image"] == IMAGES.engine
+        assert containers["engine"]["image"] == IMAGES.engine_cpu  # the sample has no GPU
         assert containers["sidecar"]["image"] == IMAGES.slofleet
         assert engine["spec"]["replicas"] == 1
 
@@ -433,7 +435,7 @@ async def test_slofleet_operator_command_with_a_kubeconfig(
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "slofleet.cli", "operator", "-A", "--kubeconfig", str(kubeconfig),
         "--liveness", f"http://127.0.0.1:{port}/healthz",
-        env={**os.environ, "SLOFLEET_IMAGE": "reg/x:1", "SLOFLEET_ENGINE_IMAGE": "reg/e:1"},
+        env={**os.environ, "SLOFLEET_IMAGE": "reg/x:1", "SLOFLEET_ENGINE_CPU_IMAGE": "reg/e:1"},
     )  # fmt: skip
     try:
         await user("POST", llms_url(url), sample())

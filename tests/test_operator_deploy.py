@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 from slofleet.operator.kube import KINDS
-from slofleet.operator.render import OPERATOR_NAMESPACE, OPERATOR_POD_LABELS, SIDECAR_GRPC_PORT
+from slofleet.operator.render import OPERATOR_NAMESPACE, OPERATOR_POD_LABELS, SIDECAR_GRPC_PORT, Images
 
 ROOT = Path(__file__).resolve().parent.parent
 KUBECTL = shutil.which("kubectl")
@@ -104,7 +104,8 @@ def test_operator_pod_is_non_root_read_only_and_probed(
     probe = container["livenessProbe"]["httpGet"]
     assert liveness.endswith(f":8080{probe['path']}")
     env = {e["name"]: e["value"] for e in container["env"]}
-    assert set(env) == {"SLOFLEET_IMAGE", "SLOFLEET_ENGINE_IMAGE"}
+    assert set(env) == {"SLOFLEET_IMAGE", "SLOFLEET_ENGINE_IMAGE", "SLOFLEET_ENGINE_CPU_IMAGE"}
+    assert Images.from_env(env) == Images()  # deploy/ pins the images the operator defaults to
     assert container["image"] == env["SLOFLEET_IMAGE"]
     # The operator pods are the ones the rendered NetworkPolicies let reach the sidecars.
     assert OPERATOR_POD_LABELS.items() <= dep["spec"]["template"]["metadata"]["labels"].items()

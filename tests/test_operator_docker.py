@@ -14,7 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 HADOLINT = shutil.which("hadolint") or shutil.which("hadolint", path=str(Path(sys.executable).parent))
-DOCKERFILES = [ROOT / "docker/Dockerfile", ROOT / "docker/engine.Dockerfile"]
+DOCKERFILES = sorted((ROOT / "docker").glob("*Dockerfile"))
 
 
 def hadolint(path: Path) -> subprocess.CompletedProcess[str]:
@@ -38,15 +38,33 @@ def test_hadolint_does_fail_on_a_bad_dockerfile(tmp_path: Path) -> None:
     assert result.returncode != 0 and "DL3006" in result.stdout
 
 
-def test_slofleet_image_is_multi_stage_pinned_and_non_root() -> None:
-    text = (ROOT / "docker/Dockerfile").read_text()
+def test_three_images() -> None:
+    assert [p.name for p in DOCKERFILES] == ["Dockerfile", "engine-cpu.Dockerfile", "engine.Dockerfile"]
+
+
+@pytest.mark.parametrize("name", ["Dockerfile", "engine-cpu.Dockerfile"])
+def test_python_based_images_are_multi_stage_pinned_and_non_root(name: str) -> None:
+    text = (ROOT / "docker" / name).read_text()
     base = re.search(r"^ARG PYTHON_IMAGE=(\S+)$", text, re.M)
     assert base and re.fullmatch(r"python:[\w.-]+@sha256:[0-9a-f]{64}", base.group(1))
     assert len(re.findall(r"^FROM ", text, re.M)) >= 2
     assert re.findall(r"^USER (\S+)$", text, re.M)[-1].split(":")[0] not in ("root", "0")
-    assert 'ENTRYPOINT ["slofleet"]' in text
-    # The operator's pods run the image's user: runAsNonRoot needs a numeric USER.
+    # runAsNonRoot can only verify a numeric USER.
     assert re.search(r"^USER \d+", text, re.M)
+
+
+def test_slofleet_image_runs_the_cli() -> None:
+    assert 'ENTRYPOINT ["slofleet"]' in (ROOT / "docker/Dockerfile").read_text()
+
+
+def test_cpu_engine_image_matches_the_engine_cpu_extra() -> None:
+    text = (ROOT / "docker/engine-cpu.Dockerfile").read_text()
+    extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"][
+        "engine-cpu"
+    ]
+    for pin in extra:
+        assert pin in text, pin
+    assert "vllm.general_plugins" in text
 
 
 def test_engine_image_matches_the_pinned_vllm_and_checks_the_plugin() -> None:

@@ -132,6 +132,7 @@ def test_gpu_engine_pod() -> None:
 def test_cpu_engine_has_no_gpu_and_a_kv_cache_size() -> None:
     dep = by_kind(render_all(service(), IMAGES))["Deployment", "svc-engine"]
     engine = containers(dep)["engine"]
+    assert engine["image"] == IMAGES.engine_cpu
     assert "nvidia.com/gpu" not in engine["resources"]["limits"]
     assert "tolerations" not in dep["spec"]["template"]["spec"]
     assert {"name": "VLLM_CPU_KVCACHE_SPACE", "value": "1"} in engine["env"]
