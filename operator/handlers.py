@@ -32,6 +32,11 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=API_GROUP, key="last-handled-configuration"
     )
+    # Watches end server-side every few minutes and are re-established, so that a silently dropped
+    # connection (load balancers, API server restarts) can never stall the operator for long.
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    settings.watching.connect_timeout = 30
     memo.kube = KubeClient(memo.kube_config)
 
 

@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from kubernetes.utils.quantity import parse_quantity
 from slofleet.operator.kube import KINDS, LLMSERVICE, ApiError, KubeClient
 from slofleet.operator.render import Images, engine_name, engine_selector, gateway_endpoint, render_all
 from slofleet.operator.status import (
@@ -51,11 +52,26 @@ def now_rfc3339() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def _same_scalar(desired: Any, current: Any) -> bool:
+    if desired == current:
+        return True
+    # The API server returns resource quantities in canonical form ("0.5" -> "500m", 2 -> "2").
+    if isinstance(desired, str | int) and isinstance(current, str | int) and not isinstance(desired, bool):
+        try:
+            return bool(parse_quantity(desired) == parse_quantity(current))
+        except ValueError:
+            return False
+    return False
+
+
 def is_subset(desired: Any, current: Any) -> bool:
-    """Whether `current` already holds every field of `desired` (the server may add defaults)."""
+    """Whether `current` already holds every field of `desired`, as the API server returns it: it
+    adds defaults, drops empty values (omitempty) and canonicalizes quantities. Comparing any less
+    loosely would patch on every reconcile, and every patch triggers the next reconcile."""
     if isinstance(desired, Mapping):
         return isinstance(current, Mapping) and all(
-            key in current and is_subset(value, current[key]) for key, value in desired.items()
+            is_subset(value, current[key]) if key in current else value in ("", [], {}, None, False, 0)
+            for key, value in desired.items()
         )
     if isinstance(desired, list):
         return (
@@ -63,7 +79,7 @@ def is_subset(desired: Any, current: Any) -> bool:
             and len(desired) == len(current)
             and all(is_subset(d, c) for d, c in zip(desired, current, strict=True))
         )
-    return bool(desired == current)
+    return _same_scalar(desired, current)
 
 
 def _controller_uid(obj: Mapping[str, Any]) -> str | None:
