@@ -56,9 +56,10 @@ class ApiError(Exception):
 def load_configuration(
     kubeconfig: str | None = None, context: str | None = None
 ) -> kubernetes.client.Configuration:
-    """In-cluster service account when running in a pod, else the kubeconfig (explicit or default)."""
+    """In-cluster service account when running in a pod (and no kubeconfig or context was asked
+    for), else the kubeconfig (explicit or default)."""
     config = kubernetes.client.Configuration()
-    if kubeconfig is None:
+    if kubeconfig is None and context is None:
         try:
             kubernetes.config.load_incluster_config(client_configuration=config)
             return config
