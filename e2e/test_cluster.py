@@ -96,3 +96,9 @@ def test_api_server_rejects_an_invalid_spec_naming_the_field(cluster: Cluster) -
     )
     assert result.returncode != 0
     assert "spec.replicas.min" in result.stderr
+
+
+def test_deploy_kustomization_passes_server_side_validation(cluster: Cluster) -> None:
+    """Everything `kubectl apply -k deploy/` would create, checked by the API server (dry run)."""
+    result = cluster.run("apply", "-k", str(ROOT / "deploy"), "--dry-run=server", check=False)
+    assert result.returncode == 0, result.stderr
