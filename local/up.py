@@ -1,0 +1,251 @@
+"""`slofleet up`: the whole control plane on this machine over real vLLM processes.
+
+Runs the same pieces a cluster runs: N engine instances (vLLM + sidecar processes, pools as the
+spec says), the gateway (its own process: a crash of the control plane never takes accepted
+requests with it; its batch queue is a SQLite file in the state folder), and the operator's
+control loop with a process backend instead of Deployments. It writes `state.json` into the
+state folder so that `slofleet status` and `slofleet replay` find the gateway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import secrets
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+
+from slofleet.fleet import InstanceRef, Phase
+from slofleet.local.fleet import LocalFleet
+from slofleet.local.instance import EngineLaunch
+from slofleet.local.processes import ManagedProcess, free_port
+from slofleet.operator.control_loop import (
+    ControlLoop,
+    LoopEvent,
+    SidecarClient,
+    autoscaler_from_spec,
+    initial_replicas,
+)
+from slofleet.operator.render import vllm_args
+from slofleet.spec import LLMService, LLMServiceSpec
+from slofleet.tinymodel import SIZES, ensure_tiny_model
+
+log = logging.getLogger("slofleet.local.up")
+
+GENERATED_PREFIX = "generated:"
+# The project's engine extension: KV layout for Info now, KV transfer and layer drop later.
+ENGINE_EXTENSION_ARGS = ("--worker-extension-cls", "slofleet.sidecar.vllm_ext.worker.SlofleetWorkerExtension")
+
+
+def resolve_model(model: str) -> str:
+    """`generated:<size>[:seed]` is made locally (no download); anything else is passed to vLLM."""
+    if not model.startswith(GENERATED_PREFIX):
+        return model
+    size, _, seed = model[len(GENERATED_PREFIX) :].partition(":")
+    if size not in SIZES:
+        raise ValueError(f"spec.model: unknown generated size {size!r}; use one of {sorted(SIZES)}")
+    return str(ensure_tiny_model(size, int(seed or 0)))
+
+
+def local_engine_args(spec: LLMServiceSpec) -> list[str]:
+    """The operator's vLLM arguments minus what the local fleet sets per process (model,
+    host, port), plus the project's engine extension."""
+    args = vllm_args(spec)
+    out: list[str] = []
+    skip = {"--model", "--host", "--port"}
+    i = 0
+    while i < len(args):
+        if args[i] in skip:
+            i += 2
+            continue
+        out.append(args[i])
+        i += 1
+    return [*out, *ENGINE_EXTENSION_ARGS]
+
+
+@dataclass
+class UpState:
+    """What `slofleet status`/`replay` read from state.json."""
+
+    service: str
+    model: str
+    model_path: str
+    max_model_len: int
+    gateway_url: str
+    slo: dict[str, float]
+    pid: int
+    started_at: float
+    instances: list[dict[str, str]] = field(default_factory=list)
+    events: list[dict[str, object]] = field(default_factory=list)
+    counters: dict[str, int] = field(default_factory=lambda: {"scale_events": 0, "replacements": 0})
+
+
+class LocalUp:
+    def __init__(self, service: LLMService, state_dir: Path, gateway_port: int | None) -> None:
+        self.service = service
+        self.spec = service.spec
+        self.state_dir = state_dir
+        self.log_dir = state_dir / "logs"
+        self.gateway_port = gateway_port or free_port()
+        self.token = secrets.token_urlsafe(24)
+        self.token_file = state_dir / "sidecar-token"
+        self.instances_file = state_dir / "instances.json"
+        self.state = UpState(
+            service=service.name,
+            model=self.spec.model,
+            model_path="",
+            max_model_len=self.spec.engine.max_model_len or 0,
+            gateway_url=f"http://127.0.0.1:{self.gateway_port}",
+            slo={
+                "ttft_seconds": self.spec.slo.interactive.ttft_seconds,
+                "itl_seconds": self.spec.slo.interactive.itl_milliseconds / 1000.0,
+                "batch_deadline_seconds": self.spec.slo.batch.deadline_minutes * 60.0,
+            },
+            pid=os.getpid(),
+            started_at=time.time(),
+        )
+        self.gateway: ManagedProcess | None = None
+        self.stop_event = asyncio.Event()
+
+    # state file -------------------------------------------------------------------------------
+    def _write_json(self, path: Path, payload: object) -> None:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(payload, indent=1, default=str))
+        tmp.replace(path)  # atomic: readers never see half a file
+
+    def _save_state(self) -> None:
+        self._write_json(self.state_dir / "state.json", self.state.__dict__)
+
+    async def _on_fleet_change(self, refs: list[InstanceRef]) -> None:
+        ready = [r for r in refs if r.phase == Phase.READY]
+        self._write_json(
+            self.instances_file,
+            [
+                {
+                    "instance_id": r.instance_id,
+                    "sidecar_address": r.sidecar_address,
+                    "engine_url": r.engine_url,
+                    "pool": r.pool.value,
+                }
+                for r in ready
+            ],
+        )
+        self.state.instances = [
+            {"instance_id": r.instance_id, "pool": r.pool.value, "phase": r.phase.value,
+             "engine_url": r.engine_url, "sidecar": r.sidecar_address, "metrics": r.metrics_url}
+            for r in refs
+        ]  # fmt: skip
+        self._save_state()
+
+    async def _on_event(self, event: LoopEvent) -> None:
+        log.info(
+            "service=%s event=%s reason=%s %s", self.service.name, event.kind, event.reason, event.message
+        )
+        if event.kind == "scale":
+            self.state.counters["scale_events"] += 1
+        elif event.kind == "replace":
+            self.state.counters["replacements"] += 1
+        self.state.events.append(
+            {"time": time.time(), "kind": event.kind, "reason": event.reason, "message": event.message}
+        )
+        self.state.events = self.state.events[-200:]
+        self._save_state()
+
+    # lifecycle --------------------------------------------------------------------------------
+    def _start_gateway(self) -> ManagedProcess:
+        batch_deadline = self.spec.slo.batch.deadline_minutes * 60
+        proc = ManagedProcess(
+            "gateway",
+            [
+                sys.executable, "-m", "slofleet.cli", "gateway",
+                "--host", "127.0.0.1",
+                "--port", str(self.gateway_port),
+                "--instances-file", str(self.instances_file),
+                "--sidecar-token-file", str(self.token_file),
+                "--db", str(self.state_dir / "gateway.sqlite3"),
+                "--batch-deadline-seconds", str(batch_deadline),
+            ],
+            self.log_dir / "gateway.log",
+        )  # fmt: skip
+        proc.start()
+        return proc
+
+    async def _wait_gateway(self, session: aiohttp.ClientSession, timeout_seconds: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout_seconds
+        while time.monotonic() < deadline:
+            if self.gateway is not None and not self.gateway.alive():
+                raise RuntimeError(f"gateway exited during start-up:\n{self.gateway.tail()}")
+            with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                async with session.get(f"{self.state.gateway_url}/health") as r:
+                    if r.status == 200:
+                        return
+            await asyncio.sleep(0.3)
+        raise TimeoutError("gateway not healthy in time")
+
+    async def run(self, ready_callback: asyncio.Event | None = None) -> int:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.token_file.write_text(self.token)
+        self.token_file.chmod(0o600)
+        self._write_json(self.instances_file, [])
+        model_path = resolve_model(self.spec.model)
+        self.state.model_path = model_path
+        launch = EngineLaunch(
+            model=model_path,
+            served_model_name=self.service.name,
+            engine_args=local_engine_args(self.spec),
+            sidecar_token=self.token,
+        )
+        autoscaler = autoscaler_from_spec(self.spec)
+        sidecars = SidecarClient(self.token)
+        async with LocalFleet(self.service.name, launch, self.log_dir, self._on_fleet_change) as fleet:
+            self.gateway = self._start_gateway()
+            try:
+                for pool, n in initial_replicas(self.spec, autoscaler).items():
+                    await fleet.set_replicas(pool, n)
+                async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+                    await self._wait_gateway(session)
+                await fleet.wait_ready()
+                self._save_state()
+                started = time.time() - self.state.started_at
+                print(
+                    f"slofleet up: service {self.service.name!r} ready in {started:.1f} s; "
+                    f"OpenAI endpoint {self.state.gateway_url}/v1 (model {self.service.name!r}); "
+                    f"logs in {self.log_dir}; Ctrl-C stops everything",
+                    flush=True,
+                )
+                if ready_callback is not None:
+                    ready_callback.set()
+                loop = ControlLoop(
+                    self.service.name, fleet, autoscaler, sidecars, self.state.gateway_url, self._on_event
+                )
+                try:
+                    await loop.run(float(self.spec.autoscaling.interval_seconds), self.stop_event)
+                finally:
+                    await loop.close()
+            finally:
+                await sidecars.close()
+                if self.gateway is not None:
+                    await self.gateway.stop()
+        print("slofleet up: stopped; no process left running", flush=True)
+        return 0
+
+
+def run_up(service: LLMService, state_dir: Path, gateway_port: int | None) -> int:
+    up = LocalUp(service, state_dir, gateway_port)
+
+    async def main() -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, up.stop_event.set)
+        return await up.run()
+
+    return asyncio.run(main())

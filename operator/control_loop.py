@@ -1,0 +1,279 @@
+"""The global control loop: observe every instance, decide, act through a FleetBackend.
+
+One copy serves both runtimes: the operator runs it per LLMService on a kopf timer with the
+Kubernetes backend, `slofleet up` runs it with the local process backend. Each step:
+  1. pulls `Load` from every ready instance's sidecar (gRPC) and the gateway's queue status;
+  2. asks the autoscaler policy (pure, slofleet.policies) for replicas per pool;
+  3. drains the instances chosen for scale-in (their sidecars stop taking requests and report
+     when empty) before lowering replicas, so scale-in never cuts a request;
+  4. re-asserts every pool's target, which also replaces instances that died.
+Decisions are reported through `on_event` (the operator turns them into status.lastScale and
+Kubernetes Events; the local fleet logs them and the replay report counts them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import aiohttp
+import grpc
+
+from slofleet.api.convert import load_from_pb
+from slofleet.api.v1 import sidecar_pb2, sidecar_pb2_grpc
+from slofleet.fleet import FleetBackend, InstanceRef, Phase
+from slofleet.instance import InstanceLoad, Pool, RequestClass
+from slofleet.policies.baselines import QueueLengthAutoscaler, StaticAutoscaler, UtilizationAutoscaler
+from slofleet.policies.global_autoscaler import (
+    Autoscaler,
+    BatchGroup,
+    ChironAutoscaler,
+    ChironConfig,
+    FleetObservation,
+    PoolBounds,
+    ScaleDecision,
+)
+from slofleet.spec import LLMServiceSpec
+
+log = logging.getLogger("slofleet.operator.control_loop")
+
+
+@dataclass(frozen=True, slots=True)
+class LoopEvent:
+    """Something the loop did that a person watching the service should see."""
+
+    kind: str  # "scale" | "replace" | "drain"
+    reason: str
+    message: str
+    decision: ScaleDecision | None = None
+
+
+EventSink = Callable[[LoopEvent], Awaitable[None]]
+
+
+def pool_bounds(spec: LLMServiceSpec) -> dict[Pool, PoolBounds]:
+    """Per-pool bounds from the spec; the mixed pool inherits spec.replicas when not set."""
+    p, cap = spec.pools, spec.replicas.max
+
+    def bounds(b: object) -> PoolBounds:
+        return PoolBounds(b.min, b.max if b.max is not None else cap)  # type: ignore[attr-defined]
+
+    return {Pool.INTERACTIVE: bounds(p.interactive), Pool.MIXED: bounds(p.mixed), Pool.BATCH: bounds(p.batch)}
+
+
+def autoscaler_from_spec(spec: LLMServiceSpec) -> Autoscaler:
+    a = spec.autoscaling
+    bounds = pool_bounds(spec)
+    single = PoolBounds(spec.replicas.min, spec.replicas.max)
+    if a.policy == "chiron":
+        config = ChironConfig(
+            bounds=bounds,
+            stabilization_s=float(a.scale_down_stabilization_seconds),
+            min_step_up=a.max_scale_step,
+        )
+        return ChironAutoscaler(config)
+    from slofleet.policies.baselines import HpaConfig
+
+    hpa = HpaConfig(bounds=single, scale_down_stabilization_s=float(a.scale_down_stabilization_seconds),
+                    min_step_up=a.max_scale_step)  # fmt: skip
+    if a.policy == "utilization":
+        return UtilizationAutoscaler("kv", 0.7, hpa)
+    if a.policy == "queue":
+        return QueueLengthAutoscaler(4.0, hpa)
+    return StaticAutoscaler(spec.replicas.initial or spec.replicas.min or 1)
+
+
+def initial_replicas(spec: LLMServiceSpec, autoscaler: Autoscaler) -> dict[Pool, int]:
+    """Where a fresh fleet starts: replicas.initial (or min) spread over the policy's pools."""
+    total = spec.replicas.initial if spec.replicas.initial is not None else spec.replicas.min
+    bounds = pool_bounds(spec)
+    if Pool.INTERACTIVE not in autoscaler.pools:
+        return {Pool.MIXED: max(total, bounds[Pool.MIXED].min)}
+    mixed = max(bounds[Pool.MIXED].min, 1 if total > 1 else 0)
+    interactive = max(bounds[Pool.INTERACTIVE].min, total - mixed)
+    return {Pool.INTERACTIVE: interactive, Pool.MIXED: mixed, Pool.BATCH: bounds[Pool.BATCH].min}
+
+
+class SidecarClient:
+    """Long-lived authenticated channels to the sidecars, one per address."""
+
+    def __init__(self, token: str | None, timeout_seconds: float = 2.0) -> None:
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
+        self._timeout = timeout_seconds
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def _stub(self, address: str) -> sidecar_pb2_grpc.SidecarStub:
+        if address not in self._channels:
+            self._channels[address] = grpc.aio.insecure_channel(address)
+        return sidecar_pb2_grpc.SidecarStub(self._channels[address])
+
+    async def load(self, address: str) -> InstanceLoad | None:
+        try:
+            msg = await self._stub(address).Load(
+                sidecar_pb2.LoadRequest(), metadata=self._metadata, timeout=self._timeout
+            )
+        except grpc.aio.AioRpcError as exc:
+            log.debug("sidecar=%s event=load_failed code=%s", address, exc.code())
+            return None
+        return load_from_pb(msg)
+
+    async def drain(self, address: str, timeout_seconds: float) -> bool:
+        """Stop the instance taking requests and wait (bounded) until it is empty."""
+        try:
+            resp = await self._stub(address).Drain(
+                sidecar_pb2.DrainRequest(drain=True, timeout_seconds=timeout_seconds),
+                metadata=self._metadata,
+                timeout=timeout_seconds + 5.0,
+            )
+        except grpc.aio.AioRpcError as exc:
+            log.warning("sidecar=%s event=drain_failed code=%s", address, exc.code())
+            return False
+        return bool(resp.drained)
+
+    async def close(self) -> None:
+        await asyncio.gather(*(c.close() for c in self._channels.values()), return_exceptions=True)
+        self._channels.clear()
+
+
+def _batch_groups(
+    status: Mapping[str, object], now_s: float, expected_tokens: float
+) -> tuple[BatchGroup, ...]:
+    groups = []
+    for b in status.get("batches", []) or []:  # type: ignore[union-attr]
+        groups.append(
+            BatchGroup(
+                group_id=str(b["id"]),
+                queued_requests=int(b["pending"]),
+                in_flight_requests=0,
+                expected_output_tokens=expected_tokens,
+                deadline_s=now_s + float(b["deadline_slack_seconds"]),
+            )
+        )
+    return tuple(groups)
+
+
+def observe(
+    now_s: float,
+    replicas: Mapping[Pool, int],
+    loads: Sequence[InstanceLoad],
+    gateway_status: Mapping[str, object] | None,
+    expected_batch_tokens: float,
+) -> FleetObservation:
+    """Build the autoscaler's input from sidecar loads and the gateway's queue status (pure)."""
+    reqs = [r for ld in loads for r in ld.requests]
+    inter = sum(1 for r in reqs if r.request_class == RequestClass.INTERACTIVE)
+    batch = len(reqs) - inter
+    status = gateway_status or {}
+    return FleetObservation(
+        now_s=now_s,
+        replicas=dict(replicas),
+        loads=tuple(loads),
+        interactive_in_flight=inter,
+        interactive_queued=int(status.get("interactive_queue_depth", 0) or 0),  # type: ignore[arg-type]
+        batch_in_flight=batch,
+        batch_queued=int(status.get("batch_queue_depth", 0) or 0),  # type: ignore[arg-type]
+        batch_groups=_batch_groups(status, now_s, expected_batch_tokens),
+    )
+
+
+class ControlLoop:
+    def __init__(
+        self,
+        service: str,
+        backend: FleetBackend,
+        autoscaler: Autoscaler,
+        sidecars: SidecarClient,
+        gateway_url: str | None,
+        on_event: EventSink,
+        *,
+        drain_timeout_seconds: float = 120.0,
+        expected_batch_tokens: float = 256.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.service = service
+        self.backend = backend
+        self.autoscaler = autoscaler
+        self.sidecars = sidecars
+        self.gateway_url = gateway_url
+        self.on_event = on_event
+        self.drain_timeout_seconds = drain_timeout_seconds
+        self.expected_batch_tokens = expected_batch_tokens
+        self.clock = clock
+        self._session: aiohttp.ClientSession | None = None
+
+    async def _gateway_status(self) -> Mapping[str, object] | None:
+        if not self.gateway_url:
+            return None
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2))
+        try:
+            async with self._session.get(f"{self.gateway_url}/slofleet/v1/status") as resp:
+                if resp.status == 200:
+                    return await resp.json()
+        except (aiohttp.ClientError, TimeoutError):
+            log.debug("service=%s event=gateway_status_unavailable", self.service)
+        return None
+
+    async def _loads(self, refs: Sequence[InstanceRef]) -> list[InstanceLoad]:
+        ready = [r for r in refs if r.phase == Phase.READY]
+        results = await asyncio.gather(*(self.sidecars.load(r.sidecar_address) for r in ready))
+        out = []
+        for ref, load in zip(ready, results, strict=True):
+            if load is not None:
+                # The fleet, not the sidecar's flag, is the truth about which pool an instance is in.
+                out.append(load if load.pool == ref.pool else _with_pool(load, ref.pool))
+        return out
+
+    async def step(self) -> ScaleDecision:
+        refs = await self.backend.instances()
+        failed = [r for r in refs if r.phase == Phase.FAILED]
+        desired = await self.backend.desired_replicas()
+        loads, status = await asyncio.gather(self._loads(refs), self._gateway_status())
+        obs = observe(self.clock(), desired, loads, status, self.expected_batch_tokens)
+        decision = self.autoscaler.decide(obs)
+        by_id = {r.instance_id: r for r in refs}
+        for pool, target in decision.targets.items():
+            if pool not in self.autoscaler.pools and target == 0 and desired.get(pool, 0) == 0:
+                continue
+            victims = decision.scale_in.get(pool, ())
+            if victims:
+                drained = await asyncio.gather(
+                    *(self.sidecars.drain(by_id[v].sidecar_address, self.drain_timeout_seconds)
+                      for v in victims if v in by_id)
+                )  # fmt: skip
+                await self.on_event(LoopEvent("drain", "ScaleIn", f"drained {list(victims)}: {drained}"))
+            await self.backend.set_replicas(pool, target, remove_first=victims)
+        if decision.changed:
+            await self.on_event(LoopEvent("scale", "Autoscaled", decision.summary(), decision))
+        for ref in failed:
+            await self.on_event(
+                LoopEvent("replace", "InstanceFailed", f"instance {ref.instance_id} failed; replaced")
+            )
+        return decision
+
+    async def run(self, interval_seconds: float, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            started = self.clock()
+            try:
+                await self.step()
+            except Exception:  # the loop must outlive any one bad step; the next step retries
+                log.exception("service=%s event=control_step_failed", self.service)
+            elapsed = self.clock() - started
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=max(0.0, interval_seconds - elapsed))
+            except TimeoutError:
+                pass
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+def _with_pool(load: InstanceLoad, pool: Pool) -> InstanceLoad:
+    from dataclasses import replace
+
+    return replace(load, pool=pool)
