@@ -10,10 +10,10 @@ from collections.abc import Mapping
 from typing import Any
 
 import kopf
+
 from slofleet.operator.kube import KubeClient, connection_info
 from slofleet.operator.reconcile import Emit, reconcile
 from slofleet.operator.render import MANAGED_BY, SERVICE_LABEL
-
 from slofleet.spec import API_GROUP, API_VERSION, PLURAL
 
 LLMSERVICES = (API_GROUP, API_VERSION, PLURAL)

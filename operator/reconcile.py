@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from kubernetes.utils.quantity import parse_quantity
+
 from slofleet.operator.kube import KINDS, LLMSERVICE, ApiError, KubeClient
 from slofleet.operator.render import Images, engine_name, engine_selector, gateway_endpoint, render_all
 from slofleet.operator.status import (
@@ -27,7 +28,6 @@ from slofleet.operator.status import (
     invalid_conditions,
     status_changed,
 )
-
 from slofleet.spec import SpecError, parse_llmservice, semantic_problems
 
 log = logging.getLogger(__name__)

@@ -8,7 +8,7 @@ what the operator would apply.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -133,7 +133,13 @@ def desired_engine_replicas(spec: LLMServiceSpec, current: int | None) -> int:
     return min(max(current, spec.replicas.min), spec.replicas.max)
 
 
-def vllm_args(spec: LLMServiceSpec) -> list[str]:
+# slofleet's methods on every vLLM worker (KV layout, layer drop/restore); the sidecar calls them.
+ENGINE_EXTENSION_ARGS = ("--worker-extension-cls", "slofleet.sidecar.vllm_ext.worker.SlofleetWorkerExtension")
+
+
+def vllm_args(spec: LLMServiceSpec, extra: Sequence[str] = ()) -> list[str]:
+    """The vLLM server's arguments from the spec; `extra` goes before the user's spec.engine.args,
+    which come last so that they win."""
     args = [
         "--model",
         spec.model,
@@ -149,7 +155,7 @@ def vllm_args(spec: LLMServiceSpec) -> list[str]:
     ]
     if spec.engine.max_model_len is not None:
         args += ["--max-model-len", str(spec.engine.max_model_len)]
-    return args + list(spec.engine.args)
+    return [*args, *extra, *spec.engine.args]
 
 
 def engine_env(spec: LLMServiceSpec) -> list[dict[str, str]]:
@@ -190,7 +196,7 @@ def _engine_container(spec: LLMServiceSpec, images: Images) -> dict[str, Any]:
         "name": "engine",
         "image": images.engine_for(spec),
         "command": ["python3", "-m", "vllm.entrypoints.openai.api_server"],
-        "args": vllm_args(spec),
+        "args": vllm_args(spec, ENGINE_EXTENSION_ARGS),
         "env": engine_env(spec),
         "ports": [{"name": "http", "containerPort": ENGINE_HTTP_PORT, "protocol": "TCP"}],
         "resources": {"requests": requests, "limits": limits},

@@ -20,8 +20,8 @@ def run(args: argparse.Namespace) -> int:
     import dataclasses
 
     import yaml
-    from slofleet.operator.render import Images, render_all
 
+    from slofleet.operator.render import Images, render_all
     from slofleet.spec import SpecError, load_llmservice_file, semantic_problems
 
     try:

@@ -7,6 +7,7 @@ from collections.abc import Collection
 
 import kopf
 import kubernetes.client
+
 from slofleet.operator.render import Images
 
 

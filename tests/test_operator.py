@@ -31,6 +31,7 @@ import kmock
 import kubernetes.client
 import pytest
 import yaml
+
 from slofleet.operator.render import Images
 from slofleet.operator.runner import run_operator
 

@@ -8,7 +8,6 @@ from typing import Any
 
 from slofleet.operator.reconcile import is_subset
 from slofleet.operator.render import Images, render_all
-
 from slofleet.spec import LLMService, parse_spec
 
 

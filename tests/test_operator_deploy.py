@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import yaml
+
 from slofleet.operator.kube import KINDS
 from slofleet.operator.render import OPERATOR_NAMESPACE, OPERATOR_POD_LABELS, SIDECAR_GRPC_PORT, Images
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import yaml
+
 from slofleet.operator.render import (
     SIDECAR_GRPC_PORT,
     Images,
@@ -18,7 +19,6 @@ from slofleet.operator.render import (
     vllm_args,
 )
 from slofleet.operator.status import build_status, deployment_conditions, invalid_conditions, status_changed
-
 from slofleet.spec import LLMService, load_llmservice_file, parse_spec
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -111,6 +111,8 @@ def test_gpu_engine_pod() -> None:
     assert args[args.index("--max-model-len") + 1] == "8192"
     assert args[args.index("--scheduling-policy") + 1] == "priority"
     assert args[-1] == "--enable-prefix-caching"  # the user's args come last and win
+    extension = args[args.index("--worker-extension-cls") + 1]
+    assert extension == "slofleet.sidecar.vllm_ext.worker.SlofleetWorkerExtension"
     assert engine["resources"]["limits"]["nvidia.com/gpu"] == 2
     assert engine["resources"]["requests"] == {"cpu": "8", "memory": "40Gi", "nvidia.com/gpu": 2}
     env = {e["name"]: e["value"] for e in engine["env"]}
