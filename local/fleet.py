@@ -140,6 +140,13 @@ class LocalFleet:
         if self.on_change is not None:
             await self.on_change([i.ref() for i in self._instances.values()])
 
+    def process_ids(self) -> list[int]:
+        """Leaders of every live process group (engines and sidecars), for orphan checks."""
+        pids = []
+        for inst in self._instances.values():
+            pids += [p for p in (inst.engine.pid, inst.sidecar.pid) if p is not None]
+        return pids
+
     def get(self, instance_id: str) -> LocalInstance | None:
         return self._instances.get(instance_id)
 

@@ -34,15 +34,13 @@ from slofleet.operator.control_loop import (
     autoscaler_from_spec,
     initial_replicas,
 )
-from slofleet.operator.render import vllm_args
+from slofleet.operator.render import ENGINE_EXTENSION_ARGS, vllm_args
 from slofleet.spec import LLMService, LLMServiceSpec
 from slofleet.tinymodel import SIZES, ensure_tiny_model
 
 log = logging.getLogger("slofleet.local.up")
 
 GENERATED_PREFIX = "generated:"
-# The project's engine extension: KV layout for Info now, KV transfer and layer drop later.
-ENGINE_EXTENSION_ARGS = ("--worker-extension-cls", "slofleet.sidecar.vllm_ext.worker.SlofleetWorkerExtension")
 
 
 def resolve_model(model: str) -> str:
@@ -56,9 +54,9 @@ def resolve_model(model: str) -> str:
 
 
 def local_engine_args(spec: LLMServiceSpec) -> list[str]:
-    """The operator's vLLM arguments minus what the local fleet sets per process (model,
-    host, port), plus the project's engine extension."""
-    args = vllm_args(spec)
+    """The operator's vLLM arguments (the project's engine extension included) minus what the
+    local fleet sets per process: model, host and port."""
+    args = vllm_args(spec, extra=ENGINE_EXTENSION_ARGS)
     out: list[str] = []
     skip = {"--model", "--host", "--port"}
     i = 0
@@ -68,7 +66,7 @@ def local_engine_args(spec: LLMServiceSpec) -> list[str]:
             continue
         out.append(args[i])
         i += 1
-    return [*out, *ENGINE_EXTENSION_ARGS]
+    return out
 
 
 @dataclass
@@ -83,8 +81,11 @@ class UpState:
     slo: dict[str, float]
     pid: int
     started_at: float
-    instances: list[dict[str, str]] = field(default_factory=list)
+    instances: list[dict[str, object]] = field(default_factory=list)
     events: list[dict[str, object]] = field(default_factory=list)
+    # Every process group this run started (each child leads its own), kept after it ends, so
+    # that tests and users can check that none outlived `slofleet up`.
+    process_groups: list[int] = field(default_factory=list)
     counters: dict[str, int] = field(default_factory=lambda: {"scale_events": 0, "replacements": 0})
 
 
@@ -113,6 +114,7 @@ class LocalUp:
             started_at=time.time(),
         )
         self.gateway: ManagedProcess | None = None
+        self.fleet: LocalFleet | None = None
         self.stop_event = asyncio.Event()
 
     # state file -------------------------------------------------------------------------------
@@ -138,12 +140,24 @@ class LocalUp:
                 for r in ready
             ],
         )
-        self.state.instances = [
-            {"instance_id": r.instance_id, "pool": r.pool.value, "phase": r.phase.value,
-             "engine_url": r.engine_url, "sidecar": r.sidecar_address, "metrics": r.metrics_url}
-            for r in refs
-        ]  # fmt: skip
+        self.state.instances = [self._instance_row(r) for r in refs]
+        known = set(self.state.process_groups)
+        pids = (self.fleet.process_ids() if self.fleet else []) + ([self.gateway.pid] if self.gateway else [])
+        self.state.process_groups += [p for p in pids if p is not None and p not in known]
         self._save_state()
+
+    def _instance_row(self, ref: InstanceRef) -> dict[str, object]:
+        inst = self.fleet.get(ref.instance_id) if self.fleet else None
+        return {
+            "instance_id": ref.instance_id,
+            "pool": ref.pool.value,
+            "phase": ref.phase.value,
+            "engine_url": ref.engine_url,
+            "sidecar": ref.sidecar_address,
+            "metrics": ref.metrics_url,
+            "engine_pid": inst.engine.pid if inst else None,
+            "sidecar_pid": inst.sidecar.pid if inst else None,
+        }
 
     async def _on_event(self, event: LoopEvent) -> None:
         log.info(
@@ -207,6 +221,7 @@ class LocalUp:
         autoscaler = autoscaler_from_spec(self.spec)
         sidecars = SidecarClient(self.token)
         async with LocalFleet(self.service.name, launch, self.log_dir, self._on_fleet_change) as fleet:
+            self.fleet = fleet
             self.gateway = self._start_gateway()
             try:
                 for pool, n in initial_replicas(self.spec, autoscaler).items():
