@@ -57,9 +57,8 @@ def read_token(token_file: Path | None) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from slofleet.sidecar.runtime import Sidecar, SidecarConfig
-
     from slofleet.instance import Pool
+    from slofleet.sidecar.runtime import Sidecar, SidecarConfig
 
     logging.basicConfig(
         level=args.log_level.upper(),

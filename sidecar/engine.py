@@ -14,6 +14,7 @@ import asyncio
 from typing import Any
 
 import aiohttp
+
 from slofleet.sidecar.enginemetrics import EngineSample, parse_engine_metrics
 from slofleet.sidecar.state import EngineInfo, KVLayout
 

@@ -19,14 +19,14 @@ from dataclasses import dataclass
 import grpc
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
 from slofleet.api.v1 import sidecar_pb2_grpc as pb_grpc
+from slofleet.instance import Pool
 from slofleet.sidecar.engine import EngineError, VllmEngine
 from slofleet.sidecar.exporter import SidecarMetrics
 from slofleet.sidecar.service import BearerTokenInterceptor, HealthReporter, SidecarService
 from slofleet.sidecar.state import SidecarState
 from slofleet.sidecar.window import SampleWindow
-
-from slofleet.instance import Pool
 
 log = logging.getLogger("slofleet.sidecar")
 
@@ -172,6 +172,7 @@ class Sidecar:
         ok = self._engine_ok
         if ok:
             t0 = time.perf_counter()
+            sent_unix_nanos = time.time_ns()
             try:
                 sample = await self.engine.scrape()
             except EngineError as e:
@@ -180,7 +181,7 @@ class Sidecar:
                 ok = self._engine_ok = False
             else:
                 self.metrics.scrape_duration.observe(time.perf_counter() - t0)
-                self.state.observe(sample)
+                self.state.observe(sample, read_unix_nanos=sent_unix_nanos)
         if not ok and (self.state.healthy or self.state.info is not None):
             log.warning("engine at %s is down", cfg.engine_url)
             self.state.engine_down()

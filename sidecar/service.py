@@ -18,11 +18,11 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
+
 from slofleet.api.v1 import sidecar_pb2 as pb
 from slofleet.api.v1 import sidecar_pb2_grpc as pb_grpc
-from slofleet.sidecar.state import SidecarState
-
 from slofleet.instance import InstanceLoad, Pool, RequestClass, RequestInfo
+from slofleet.sidecar.state import SidecarState
 
 log = logging.getLogger("slofleet.sidecar.service")
 

@@ -13,11 +13,10 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from slofleet.sidecar.enginemetrics import EngineSample
-from slofleet.sidecar.window import SampleWindow
-
 from slofleet.instance import InstanceLoad, Pool, RequestInfo
 from slofleet.policies.freeness import DRAINING_FREENESS, Freeness, compute_freeness
+from slofleet.sidecar.enginemetrics import EngineSample
+from slofleet.sidecar.window import SampleWindow
 
 # The most requests the sidecar tracks from gateway reports; beyond it the oldest are dropped (a
 # gateway that never reports FINISHED must not grow the sidecar without bound).
@@ -70,6 +69,7 @@ class SidecarState:
         self.high_priority_below = high_priority_below
         self.sample: EngineSample | None = None
         self.sample_monotonic = 0.0
+        self.sample_unix_nanos = 0
         self.samples_total = 0
         # request id -> (info, last update monotonic); insertion order = arrival order.
         self._requests: OrderedDict[str, tuple[RequestInfo, float]] = OrderedDict()
@@ -82,10 +82,14 @@ class SidecarState:
 
     # -- writers -------------------------------------------------------------------------------
 
-    def observe(self, sample: EngineSample, now: float | None = None) -> None:
+    def observe(
+        self, sample: EngineSample, now: float | None = None, read_unix_nanos: int | None = None
+    ) -> None:
+        """A new engine sample; `read_unix_nanos` is when its scrape was sent (the data's age)."""
         now = time.monotonic() if now is None else now
         self.sample = sample
         self.sample_monotonic = now
+        self.sample_unix_nanos = time.time_ns() if read_unix_nanos is None else read_unix_nanos
         self.samples_total += 1
         self.healthy = True
         self.window.add(now, sample)
@@ -218,7 +222,9 @@ class SidecarState:
         new = self._build(now)
         changed = self._change_key(new) != self._change_key(self.snapshot)
         self.snapshot = new
-        self.snapshot_unix_nanos = time.time_ns()
+        # A snapshot is as old as the engine sample it describes (when that scrape was sent); a
+        # snapshot without one (engine down) is as of now.
+        self.snapshot_unix_nanos = self.sample_unix_nanos if new.healthy else time.time_ns()
         if changed:
             self.version += 1
             self._changed.set()

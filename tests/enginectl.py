@@ -12,8 +12,11 @@ A vLLM server is three processes (API server, engine core, worker) and ~3.4 GB; 
 
 from __future__ import annotations
 
+import argparse
+import asyncio
 import atexit
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -154,7 +157,85 @@ def start_vllm(
     return server
 
 
+class StreamLoad:
+    """`count` concurrent streaming completions run by a separate process (`start_streams`).
+
+    A separate process, because parsing thousands of SSE chunks per second starves any event loop
+    it shares: an in-process sidecar under test would stop polling while the client reads.
+    """
+
+    def __init__(self, process: subprocess.Popen[bytes]) -> None:
+        self.process = process
+        _live_loads.add(self)
+
+    def wait(self, timeout: float = 300) -> list[int]:
+        """Completion tokens of each stream, as the engine's final usage chunk reports them."""
+        out, err = self.process.communicate(timeout=timeout)
+        _live_loads.discard(self)
+        if self.process.returncode != 0:
+            raise RuntimeError(f"stream load failed ({self.process.returncode}): {err.decode()[-2000:]}")
+        return list(json.loads(out))
+
+    def stop(self) -> None:
+        _live_loads.discard(self)
+        if self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(10)
+
+
+_live_loads: set[StreamLoad] = set()
+
+
+def start_streams(
+    url: str, model: str, count: int, max_tokens: int, prompt: str = "the cluster answers the request"
+) -> StreamLoad:
+    """Start `count` concurrent greedy streaming completions (ignore_eos) against `url`."""
+    cmd = [sys.executable, __file__, "streams", url, model, str(count), str(max_tokens), prompt]
+    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    return StreamLoad(process)
+
+
+async def _run_streams(url: str, model: str, count: int, max_tokens: int, prompt: str) -> list[int]:
+    import aiohttp
+
+    body = {
+        "model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+        "stream": True, "stream_options": {"include_usage": True},
+    }  # fmt: skip
+
+    async def one(session: aiohttp.ClientSession) -> int:
+        tokens = 0
+        async with session.post(url + "/v1/completions", json=body) as resp:
+            if resp.status != 200:
+                raise RuntimeError(f"POST /v1/completions: HTTP {resp.status}: {await resp.text()}")
+            async for line in resp.content:
+                if line.startswith(b"data: {"):
+                    usage = json.loads(line[6:]).get("usage")
+                    if usage:
+                        tokens = int(usage["completion_tokens"])
+        return tokens
+
+    timeout = aiohttp.ClientTimeout(total=600)
+    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
+        return list(await asyncio.gather(*(one(session) for _ in range(count))))
+
+
 @atexit.register
 def _stop_all() -> None:
+    for load in list(_live_loads):
+        load.stop()
     for server in list(_live):
         server.stop()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="run concurrent streaming completions (see start_streams)")
+    parser.add_argument("mode", choices=["streams"])
+    parser.add_argument("url")
+    parser.add_argument("model")
+    parser.add_argument("count", type=int)
+    parser.add_argument("max_tokens", type=int)
+    parser.add_argument("prompt")
+    a = parser.parse_args()
+    print(json.dumps(asyncio.run(_run_streams(a.url, a.model, a.count, a.max_tokens, a.prompt))))

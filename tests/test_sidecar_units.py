@@ -6,7 +6,9 @@ from __future__ import annotations
 import math
 
 import pytest
+
 from slofleet.api.v1 import sidecar_pb2 as pb
+from slofleet.instance import RequestClass, RequestInfo
 from slofleet.sidecar.enginemetrics import EngineMetricsError, EngineSample, Histogram, parse_engine_metrics
 from slofleet.sidecar.service import (
     InvalidArgument,
@@ -17,8 +19,6 @@ from slofleet.sidecar.service import (
 )
 from slofleet.sidecar.state import SidecarState
 from slofleet.sidecar.window import SampleWindow, histogram_quantile
-
-from slofleet.instance import RequestClass, RequestInfo
 
 LABELS = 'engine="0",model_name="m"'
 

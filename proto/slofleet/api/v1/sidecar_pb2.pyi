@@ -124,6 +124,7 @@ class InstanceLoad(_message.Message):
     REQUESTS_FIELD_NUMBER: _builtins.int
     instance_id: _builtins.str
     timestamp_unix_nanos: _builtins.int
+    """when the engine was read for this snapshot (scrape sent)"""
     healthy: _builtins.bool
     draining: _builtins.bool
     pool: Global___Pool.ValueType
