@@ -86,9 +86,10 @@ def test_the_platform_tells_cpu_from_gpu() -> None:
 
 def test_extension_names_do_not_collide_with_the_worker() -> None:
     """vLLM mixes the extension into its Worker and refuses names the worker already has."""
-    from slofleet.sidecar.vllm_ext.layers import LayerDropExtension
     from vllm.v1.worker.cpu_worker import CPUWorker
     from vllm.v1.worker.gpu_worker import Worker
+
+    from slofleet.sidecar.vllm_ext.layers import LayerDropExtension
 
     ours = {n for n in vars(LayerDropExtension) if not n.startswith("__")}
     assert all(n.startswith(("slofleet_", "_slofleet_")) for n in ours), ours

@@ -25,6 +25,7 @@ import aiohttp
 import grpc
 import pytest
 from enginectl import VllmServer, free_port, start_vllm
+
 from slofleet.api.v1 import memory_pb2 as pb
 from slofleet.api.v1 import memory_pb2_grpc as pb_grpc
 from slofleet.sidecar.weightstore import WeightStore

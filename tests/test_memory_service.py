@@ -6,6 +6,7 @@ import grpc
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+
 from slofleet.sidecar.memory.service import CommandError, resolve_drop_layers, resolve_restore_layers
 
 

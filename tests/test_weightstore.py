@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+
 from slofleet.sidecar.weightstore import (
     ALIGN_BYTES,
     StoreError,

@@ -17,6 +17,7 @@ import signal
 
 import grpc
 from prometheus_client import CollectorRegistry, start_http_server
+
 from slofleet.sidecar.memory.service import MemoryMetrics, MemoryService, add_memory_service
 from slofleet.sidecar.weightstore import DEFAULT_ROOT
 

@@ -24,6 +24,7 @@ from typing import Any
 
 import grpc
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+
 from slofleet.api.v1 import memory_pb2 as pb
 from slofleet.api.v1 import memory_pb2_grpc as pb_grpc
 from slofleet.sidecar.memory.engine import LAYERS_PROTOCOL, EngineCallError, EngineControl
