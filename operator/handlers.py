@@ -11,9 +11,11 @@ from typing import Any
 
 import kopf
 
+from slofleet.operator.autoscaling import run_service_loop
 from slofleet.operator.kube import KubeClient, connection_info
 from slofleet.operator.reconcile import Emit, reconcile
 from slofleet.operator.render import MANAGED_BY, SERVICE_LABEL
+from slofleet.operator.tokens import load_or_create_key, operator_namespace
 from slofleet.spec import API_GROUP, API_VERSION, PLURAL
 
 LLMSERVICES = (API_GROUP, API_VERSION, PLURAL)
@@ -37,7 +39,10 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     settings.watching.connect_timeout = 30
+    # The control-loop daemon needs a finalizer (kopf stops it before the object goes).
+    settings.persistence.finalizer = f"{API_GROUP}/finalizer"
     memo.kube = KubeClient(memo.kube_config)
+    memo.token_key = await load_or_create_key(memo.kube, operator_namespace())
 
 
 @kopf.on.cleanup()
@@ -54,7 +59,7 @@ def login(memo: kopf.Memo, **_: Any) -> kopf.ConnectionInfo:
 @kopf.on.create(*LLMSERVICES)
 @kopf.on.update(*LLMSERVICES)
 async def llmservice_changed(name: str, namespace: str, memo: kopf.Memo, **_: Any) -> None:
-    outcome = await reconcile(memo.kube, namespace, name, memo.images, _emitter)
+    outcome = await reconcile(memo.kube, namespace, name, memo.images, _emitter, memo.token_key)
     if outcome.invalid is not None:
         reason, message = outcome.invalid
         if reason == "OwnershipConflict":
@@ -77,6 +82,13 @@ async def owned_deployment_changed(
     """Status follows the Deployments, and a deleted Deployment is recreated (like a controller's
     Owns() watch); an invalid spec was already reported by the LLMService handler."""
     owner = body["metadata"]["labels"][SERVICE_LABEL]
-    outcome = await reconcile(memo.kube, namespace, owner, memo.images, _emitter)
+    outcome = await reconcile(memo.kube, namespace, owner, memo.images, _emitter, memo.token_key)
     if outcome.actions:
         logger.info("LLMService %s: %s", owner, ", ".join(outcome.actions))
+
+
+@kopf.daemon(*LLMSERVICES, cancellation_timeout=10)
+async def control_loop(body: kopf.Body, memo: kopf.Memo, stopped: kopf.DaemonStopped, **_: Any) -> None:
+    """The global autoscaler of this LLMService, at its own spec.autoscaling.intervalSeconds
+    (autoscaling.py says why a daemon rather than a timer)."""
+    await run_service_loop(memo.kube, memo.token_key, body, _emitter(body), stopped)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import ssl
+import urllib.parse
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +45,11 @@ KINDS = {
         LLMSERVICE,
     )
 }
+
+
+# Read and annotated by the fleet backend (scale-in), never created: not in KINDS, which lists the
+# kinds the operator writes (tests/test_operator_deploy.py checks the RBAC against it).
+POD = Kind("v1", "Pod", "pods")
 
 
 class ApiError(Exception):
@@ -147,6 +153,12 @@ class KubeClient:
             if exc.status == 404:
                 return None
             raise
+
+    async def list(self, kind: Kind, namespace: str, label_selector: str) -> list[dict[str, Any]]:
+        """Objects of `kind` in `namespace` whose labels match `label_selector` (k=v,...)."""
+        query = urllib.parse.urlencode({"labelSelector": label_selector})
+        found = await self._request("GET", f"{kind.collection(namespace)}?{query}")
+        return list((found or {}).get("items") or [])
 
     async def create(self, kind: Kind, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
         return await self._request("POST", kind.collection(namespace), body)

@@ -11,23 +11,32 @@ from __future__ import annotations
 import base64
 import datetime
 import logging
-import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from kubernetes.utils.quantity import parse_quantity
 
+from slofleet.instance import Pool
 from slofleet.operator.kube import KINDS, LLMSERVICE, ApiError, KubeClient
-from slofleet.operator.render import Images, engine_name, engine_selector, gateway_endpoint, render_all
+from slofleet.operator.render import (
+    Images,
+    engine_pools,
+    engine_selector,
+    gateway_endpoint,
+    pool_deployment_name,
+    render_all,
+)
 from slofleet.operator.status import (
     Condition,
     build_status,
+    combine_deployments,
     condition,
     deployment_conditions,
     invalid_conditions,
     status_changed,
 )
+from slofleet.operator.tokens import derive_token
 from slofleet.spec import SpecError, parse_llmservice, semantic_problems
 
 log = logging.getLogger(__name__)
@@ -89,11 +98,13 @@ def _controller_uid(obj: Mapping[str, Any]) -> str | None:
     return None
 
 
-async def create_secret_once(kube: KubeClient, desired: dict[str, Any]) -> tuple[Action, dict[str, Any]]:
-    """Create the generated token Secret if it does not exist; never read or rewrite it (its value
-    must stay stable, and the operator holds no permission to read Secrets)."""
+async def create_secret_once(
+    kube: KubeClient, desired: dict[str, Any], token: str
+) -> tuple[Action, dict[str, Any]]:
+    """Create the generated token Secret if it does not exist; never read or rewrite it (the
+    operator holds no permission to read Secrets: it derives the same token, see tokens.py)."""
     meta = desired["metadata"]
-    body = {**desired, "data": {"token": base64.b64encode(secrets.token_urlsafe(32).encode()).decode()}}
+    body = {**desired, "data": {"token": base64.b64encode(token.encode()).decode()}}
     try:
         await kube.create(KINDS["Secret"], meta["namespace"], body)
     except ApiError as exc:
@@ -174,20 +185,35 @@ async def _write_status(
     return status
 
 
+async def _engine_deployments(
+    kube: KubeClient, namespace: str, name: str
+) -> dict[Pool, dict[str, Any] | None]:
+    """Every pool's engine Deployment as it is now (None where it does not exist)."""
+    kind = KINDS["Deployment"]
+    return {pool: await kube.get(kind, namespace, pool_deployment_name(name, pool)) for pool in Pool}
+
+
 async def reconcile(
-    kube: KubeClient, namespace: str, name: str, images: Images, emit: Callable[[Mapping[str, Any]], Emit]
+    kube: KubeClient,
+    namespace: str,
+    name: str,
+    images: Images,
+    emit: Callable[[Mapping[str, Any]], Emit],
+    token_key: bytes,
 ) -> Outcome:
     """Bring the objects of LLMService namespace/name to their desired state and update its status.
 
-    `emit(obj)` gives the event reporter for the freshly read object. Returns what was done; an
-    invalid spec is reported in status and events and returned, never raised.
+    `emit(obj)` gives the event reporter for the freshly read object; `token_key` derives the
+    generated sidecar token. Returns what was done; an invalid spec is reported in status and
+    events and returned, never raised.
     """
     obj = await kube.get(LLMSERVICE, namespace, name)
     if obj is None or obj.get("metadata", {}).get("deletionTimestamp"):
         # Gone or going: its objects go with it through their ownerReferences.
         return Outcome()
     report = emit(obj)
-    engine = await kube.get(KINDS["Deployment"], namespace, f"{name}-engine")
+    pools = await _engine_deployments(kube, namespace, name)
+    engine = combine_deployments(list(pools.values()))
     try:
         service = parse_llmservice(obj)
         problems = semantic_problems(service.spec)
@@ -200,11 +226,13 @@ async def reconcile(
         return Outcome(invalid=invalid)
 
     outcome = Outcome()
-    current_replicas = (engine or {}).get("spec", {}).get("replicas")
-    for desired in render_all(service, images, current_replicas):
+    current = {pool: (dep or {}).get("spec", {}).get("replicas") for pool, dep in pools.items()}
+    used = {pool_deployment_name(name, pool): pool for pool in engine_pools(service.spec)}
+    for desired in render_all(service, images, current):
         try:
             if desired["kind"] == "Secret":
-                action, result = await create_secret_once(kube, desired)
+                token = derive_token(token_key, str(service.uid))
+                action, result = await create_secret_once(kube, desired, token)
             else:
                 action, result = await apply_object(kube, desired, str(service.uid))
         except OwnershipConflict as exc:
@@ -216,7 +244,8 @@ async def reconcile(
             outcome.actions.append(f"{action} {what}")
             report("Normal", action.capitalize(), f"{action} {what}")
             log.info("%s/%s: %s %s", namespace, name, action, what)
-        if desired["kind"] == "Deployment" and desired["metadata"]["name"] == engine_name(service):
-            engine = result
+        if desired["kind"] == "Deployment" and desired["metadata"]["name"] in used:
+            pools[used[desired["metadata"]["name"]]] = result
+    engine = combine_deployments([dep for pool, dep in pools.items() if pool in used.values()])
     await _write_status(kube, obj, deployment_conditions(engine), engine, report)
     return outcome

@@ -1,8 +1,23 @@
 """Pure builders of the Kubernetes objects that one LLMService owns.
 
-No I/O here: `render_all` maps (service, images, current engine replicas) to plain dicts, so every
-field the operator writes is unit-tested without a cluster, and `slofleet render` prints exactly
-what the operator would apply.
+No I/O here: `render_all` maps (service, images, current replicas per pool) to plain dicts, so
+every field the operator writes is unit-tested without a cluster, and `slofleet render` prints
+exactly what the operator would apply.
+
+Pools are Deployments: one engine Deployment per pool the autoscaling policy uses (`chiron`:
+interactive, mixed, batch; the single-pool policies: mixed only). A Deployment per pool is what
+lets the control loop set each pool's replicas independently (`spec.replicas` is the one knob a
+Deployment has) and lets each pool's pods carry `--pool` for their sidecar, which tells the
+gateway and the local autoscaler how to treat the instance. (Pool as a label on pods of a single
+Deployment would need relabelling live pods, and a Deployment cannot say "3 of these, 2 of those".)
+The mixed pool keeps the name and the selector of the original single engine Deployment
+(`<name>-engine`): selectors are immutable, so renaming it would mean creating a second fleet and
+deleting the first (twice the GPUs during the move); keeping it makes the upgrade a plain rolling
+update. The other pools are `<name>-engine-interactive` and `<name>-engine-batch`, whose selectors
+add the pool label. The mixed Deployment's selector therefore also matches their pods; that is
+harmless since Kubernetes 1.6 (controllers only act on objects whose controller ownerReference
+names them, and each ReplicaSet's selector carries its own pod-template-hash). The headless
+Service, the PDB and the NetworkPolicy select every engine pod, whatever its pool.
 """
 
 from __future__ import annotations
@@ -13,6 +28,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from slofleet import __version__
+from slofleet.instance import Pool
+from slofleet.operator.control_loop import autoscaler_from_spec, initial_replicas, pool_bounds
+from slofleet.policies.global_autoscaler import PoolBounds
 from slofleet.spec import API_GROUP, API_VERSION, KIND, LLMService, LLMServiceSpec
 
 ENGINE_HTTP_PORT = 8000
@@ -23,6 +41,8 @@ GATEWAY_TOKEN_DIR = "/var/run/secrets/slofleet"
 GATEWAY_DATA_DIR = "/var/lib/slofleet"
 MANAGED_BY = "slofleet-operator"
 SERVICE_LABEL = f"{API_GROUP}/service"
+# The pool an engine pod serves; the fleet backend reads it back from the pods.
+POOL_LABEL = f"{API_GROUP}/pool"
 # Where the operator runs (deploy/default); its pods may reach every sidecar's gRPC port.
 OPERATOR_NAMESPACE = "slofleet-system"
 OPERATOR_POD_LABELS = {"app.kubernetes.io/name": "slofleet", "app.kubernetes.io/component": "operator"}
@@ -65,7 +85,26 @@ class Images:
 
 
 def engine_name(service: LLMService) -> str:
+    """The headless Service of every engine pod, and the mixed pool's Deployment."""
     return f"{service.name}-engine"
+
+
+def pool_deployment_name(service_name: str, pool: Pool) -> str:
+    """The mixed pool keeps the original single engine Deployment's name (module docstring)."""
+    return f"{service_name}-engine" if pool == Pool.MIXED else f"{service_name}-engine-{pool.value}"
+
+
+def engine_pools(spec: LLMServiceSpec) -> tuple[Pool, ...]:
+    """The pools the spec's autoscaling policy uses, each one engine Deployment."""
+    return autoscaler_from_spec(spec).pools if spec.autoscaling.policy == "chiron" else (Pool.MIXED,)
+
+
+def engine_pool_bounds(spec: LLMServiceSpec) -> dict[Pool, PoolBounds]:
+    """The bounds the policy itself enforces: Chiron's per pool (spec.pools), the single-pool
+    policies' spec.replicas. Reconcile clamps with the same bounds, so it never undoes a decision."""
+    if spec.autoscaling.policy == "chiron":
+        return pool_bounds(spec)
+    return {Pool.MIXED: PoolBounds(spec.replicas.min, spec.replicas.max)}
 
 
 def gateway_name(service: LLMService) -> str:
@@ -125,12 +164,27 @@ def _metadata(service: LLMService, name: str, component: str) -> dict[str, Any]:
     return meta
 
 
-def desired_engine_replicas(spec: LLMServiceSpec, current: int | None) -> int:
-    """`static` pins the count to spec.replicas.initial; other policies start there and then own it
-    (the control loop scales the Deployment), so reconcile only clamps it into min..max."""
-    if spec.autoscaling.policy == "static" or current is None:
-        return spec.initial_replicas
-    return min(max(current, spec.replicas.min), spec.replicas.max)
+def desired_pool_replicas(spec: LLMServiceSpec, current: Mapping[Pool, int | None]) -> dict[Pool, int]:
+    """Replicas per pool Deployment, given what each has now (None: it does not exist).
+
+    `static` pins the count to spec.replicas.initial. Other policies start a new service at
+    replicas.initial spread over their pools (the control loop's `initial_replicas`) and then own
+    the counts: reconcile only clamps them into the policy's bounds, never fights the autoscaler.
+    A pool Deployment that is missing while another exists (an upgrade from one engine Deployment,
+    a policy change) starts at its minimum and the control loop takes it from there, so an upgrade
+    never adds a fleet on top of the running one.
+    """
+    pools = engine_pools(spec)
+    if spec.autoscaling.policy == "static":
+        return {Pool.MIXED: spec.initial_replicas}
+    bounds = engine_pool_bounds(spec)
+    fresh = all(current.get(p) is None for p in pools)
+    start = initial_replicas(spec, autoscaler_from_spec(spec)) if fresh else {p: bounds[p].min for p in pools}
+    out = {}
+    for pool in pools:
+        now = current.get(pool)
+        out[pool] = start.get(pool, bounds[pool].min) if now is None else bounds[pool].clamp(now)
+    return out
 
 
 # slofleet's methods on every vLLM worker (KV layout, layer drop/restore); the sidecar calls them.
@@ -207,10 +261,12 @@ def _engine_container(spec: LLMServiceSpec, images: Images) -> dict[str, Any]:
     }
 
 
-def sidecar_args() -> list[str]:
+def sidecar_args(pool: Pool = Pool.MIXED) -> list[str]:
     """`slofleet sidecar` beside the engine; $(POD_NAME) is expanded by the kubelet from the env."""
     return [
         "sidecar",
+        "--pool",
+        pool.value,
         "--engine-url",
         f"http://127.0.0.1:{ENGINE_HTTP_PORT}",
         "--instance-id",
@@ -243,7 +299,7 @@ def render_token_secret(service: LLMService) -> dict[str, Any] | None:
     }
 
 
-def _sidecar_container(service: LLMService, images: Images) -> dict[str, Any]:
+def _sidecar_container(service: LLMService, images: Images, pool: Pool) -> dict[str, Any]:
     secret, key = sidecar_token_ref(service)
     env = [
         *_pod_identity_env(),
@@ -253,7 +309,7 @@ def _sidecar_container(service: LLMService, images: Images) -> dict[str, Any]:
     return {
         "name": "sidecar",
         "image": images.slofleet,
-        "args": sidecar_args(),
+        "args": sidecar_args(pool),
         "env": env,
         "ports": [
             {"name": "grpc", "containerPort": SIDECAR_GRPC_PORT, "protocol": "TCP"},
@@ -279,8 +335,14 @@ def _model_volume(spec: LLMServiceSpec) -> dict[str, Any] | None:
     return {"name": "model", "hostPath": {"path": volume.host_path, "type": "Directory"}}
 
 
+def pool_selector_labels(service_name: str, pool: Pool) -> dict[str, str]:
+    """A pool Deployment's selector (immutable; the mixed pool's is the original one)."""
+    base = selector_labels(service_name, "engine")
+    return base if pool == Pool.MIXED else {**base, POOL_LABEL: pool.value}
+
+
 def render_engine_deployment(
-    service: LLMService, images: Images, current_replicas: int | None
+    service: LLMService, images: Images, pool: Pool, replicas: int
 ) -> dict[str, Any]:
     spec = service.spec
     # Shared memory for NCCL/torch workers and the engine<->sidecar KV channel; capped at the
@@ -292,7 +354,7 @@ def render_engine_deployment(
     if model is not None:
         volumes.append(model)
     pod_spec: dict[str, Any] = {
-        "containers": [_engine_container(spec, images), _sidecar_container(service, images)],
+        "containers": [_engine_container(spec, images), _sidecar_container(service, images, pool)],
         "volumes": volumes,
         # Time to drain: the sidecar migrates running requests away before the engine stops.
         "terminationGracePeriodSeconds": 120,
@@ -300,17 +362,19 @@ def render_engine_deployment(
     }
     if spec.engine.resources.gpu > 0:
         pod_spec["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    metadata = _metadata(service, pool_deployment_name(service.name, pool), "engine")
+    metadata["labels"][POOL_LABEL] = pool.value
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": _metadata(service, engine_name(service), "engine"),
+        "metadata": metadata,
         "spec": {
-            "replicas": desired_engine_replicas(spec, current_replicas),
-            "selector": {"matchLabels": selector_labels(service.name, "engine")},
+            "replicas": replicas,
+            "selector": {"matchLabels": pool_selector_labels(service.name, pool)},
             # Never below the serving count during a rollout: a new pod first, then an old one goes.
             "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
             "template": {
-                "metadata": {"labels": labels(service, "engine")},
+                "metadata": {"labels": {**labels(service, "engine"), POOL_LABEL: pool.value}},
                 "spec": pod_spec,
             },
         },
@@ -450,15 +514,16 @@ def render_network_policy(service: LLMService) -> dict[str, Any]:
 
 
 def render_all(
-    service: LLMService, images: Images, current_engine_replicas: int | None = None
+    service: LLMService, images: Images, current_replicas: Mapping[Pool, int | None] | None = None
 ) -> list[dict[str, Any]]:
     """Every object the operator keeps for one LLMService, in apply order (the token first: the
-    pods cannot start without it)."""
+    pods cannot start without it). `current_replicas`: each pool Deployment's spec.replicas now."""
     secret = render_token_secret(service)
+    replicas = desired_pool_replicas(service.spec, current_replicas or {})
     return [
         *([secret] if secret is not None else []),
         render_engine_service(service),
-        render_engine_deployment(service, images, current_engine_replicas),
+        *(render_engine_deployment(service, images, pool, n) for pool, n in replicas.items()),
         render_pdb(service),
         render_network_policy(service),
         render_gateway_service(service),

@@ -65,6 +65,33 @@ def _deployment_failure(deployment: Mapping[str, Any]) -> tuple[str, str] | None
     return None
 
 
+def combine_deployments(deployments: Sequence[Mapping[str, Any] | None]) -> dict[str, Any] | None:
+    """The pool Deployments seen as one engine Deployment (counts summed, rolling if any rolls,
+    every failure condition kept), so that conditions and counts cover the whole fleet."""
+    found = [d for d in deployments if d is not None]
+    if not found:
+        return None
+
+    def total(section: str, key: str) -> int:
+        return sum(int((d.get(section, {}) or {}).get(key, 0) or 0) for d in found)
+
+    def lagging(d: Mapping[str, Any]) -> bool:
+        observed = (d.get("status", {}) or {}).get("observedGeneration")
+        return observed is not None and observed < d.get("metadata", {}).get("generation", 0)
+
+    return {
+        "metadata": {"generation": 1},
+        "spec": {"replicas": total("spec", "replicas")},
+        "status": {
+            "observedGeneration": 0 if any(lagging(d) for d in found) else 1,
+            "replicas": total("status", "replicas"),
+            "readyReplicas": total("status", "readyReplicas"),
+            "updatedReplicas": total("status", "updatedReplicas"),
+            "conditions": [c for d in found for c in (d.get("status", {}) or {}).get("conditions", []) or []],
+        },
+    }
+
+
 def deployment_conditions(deployment: Mapping[str, Any] | None) -> list[Condition]:
     """Conditions of a valid LLMService from its engine Deployment (None: not created yet)."""
     if deployment is None:
@@ -144,3 +171,24 @@ def condition(status: Mapping[str, Any] | None, type_: str) -> Mapping[str, Any]
         if cond.get("type") == type_:
             return cond
     return None
+
+
+def pools_status(targets: Mapping[str, int]) -> dict[str, int]:
+    """status.pools: replicas each pool is driven to, every pool named (0 for unused ones)."""
+    return {pool: int(targets.get(pool, 0)) for pool in ("interactive", "mixed", "batch")}
+
+
+def scale_status(
+    current: Mapping[str, int], targets: Mapping[str, int], reason: str, now: str
+) -> dict[str, Any]:
+    """status.lastScale and status.pools after a scaling decision; from/to are fleet totals (the
+    per-pool split is in `pools` and in `reason`)."""
+    return {
+        "lastScale": {
+            "time": now,
+            "from": sum(int(n) for n in current.values()),
+            "to": sum(int(n) for n in targets.values()),
+            "reason": reason,
+        },
+        "pools": pools_status(targets),
+    }

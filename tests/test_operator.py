@@ -5,6 +5,7 @@ tests depend on; `ApiServer` below adds exactly those and nothing else, each as 
 component behaves:
 - the API server assigns metadata.uid, creationTimestamp, resourceVersion, a name for
   generateName (kopf's Events) and bumps metadata.generation when the spec changes;
+- a JSON patch whose `test` operation fails is answered 422, as the API server does;
 - the garbage collector deletes an object whose controller ownerReference (same namespace, same
   uid) names an object that is gone, whether the owner goes first or the object comes late: that
   is how owned objects disappear with an LLMService, so the cascade only works if the operator
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import jsonpatch
 import kmock
 import kubernetes.client
 import pytest
@@ -88,8 +90,18 @@ class ApiServer(kmock.KubernetesEmulator):
                 )
                 if request.subresource is None and spec_changed:
                     meta["generation"] = current.get("metadata", {}).get("generation", 1) + 1
-        response = await super()._handle(request)
-        if request.resource is not None and request.action in (kmock.action.CREATE, kmock.action.DELETE):
+        try:
+            response = await super()._handle(request)
+        except jsonpatch.JsonPatchTestFailed as exc:
+            # A JSON patch whose `test` op fails (kopf tests resourceVersion when it removes its
+            # finalizer) is a 422 from the API server, not a 500 that clients retry unchanged.
+            raise kmock.KubernetesError(status=422, reason="Invalid", message=str(exc)) from exc
+        if request.resource is not None and request.action in (
+            kmock.action.CREATE,
+            kmock.action.UPDATE,
+            kmock.action.DELETE,
+        ):
+            # An UPDATE can delete too: removing the last finalizer of an object being deleted.
             await self._collect_garbage()
         return response
 

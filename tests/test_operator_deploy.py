@@ -13,6 +13,7 @@ import yaml
 
 from slofleet.operator.kube import KINDS
 from slofleet.operator.render import OPERATOR_NAMESPACE, OPERATOR_POD_LABELS, SIDECAR_GRPC_PORT, Images
+from slofleet.operator.tokens import KEY_SECRET_NAME
 
 ROOT = Path(__file__).resolve().parent.parent
 KUBECTL = shutil.which("kubectl")
@@ -35,12 +36,14 @@ def test_kustomize_renders_every_part(rendered: dict[tuple[str, str], dict[str, 
         ("ServiceAccount", "slofleet-operator"),
         ("ClusterRole", "slofleet-operator"),
         ("ClusterRoleBinding", "slofleet-operator"),
+        ("Role", "slofleet-operator-key"),
+        ("RoleBinding", "slofleet-operator-key"),
         ("Deployment", "slofleet-operator"),
         ("NetworkPolicy", "slofleet-operator"),
         ("NetworkPolicy", "slofleet-sidecar-grpc"),
     }
     for (kind, _), doc in rendered.items():
-        if kind in ("ServiceAccount", "Deployment", "NetworkPolicy"):
+        if kind in ("ServiceAccount", "Deployment", "NetworkPolicy", "Role", "RoleBinding"):
             assert doc["metadata"]["namespace"] == OPERATOR_NAMESPACE
     crd = yaml.safe_load((ROOT / "crds/llmservice.yaml").read_text())
     assert rendered["CustomResourceDefinition", "llmservices.slofleet.io"]["spec"] == crd["spec"]
@@ -85,6 +88,15 @@ def test_rbac_is_least_privilege(rendered: dict[tuple[str, str], dict[str, Any]]
     assert _verbs(role, "", "events") == {"create"}
     assert _verbs(role, "", "pods") == {"get", "list", "watch", "patch"}
     assert not _verbs(role, "coordination.k8s.io", "leases")  # kopf runs standalone: no peering
+    # The one Secret the operator reads: its token key, by name, in its own namespace.
+    key_role = rendered["Role", "slofleet-operator-key"]
+    assert key_role["rules"] == [
+        {"apiGroups": [""], "resources": ["secrets"], "resourceNames": [KEY_SECRET_NAME], "verbs": ["get"]}
+    ]
+    key_binding = rendered["RoleBinding", "slofleet-operator-key"]
+    assert key_binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "slofleet-operator", "namespace": OPERATOR_NAMESPACE}
+    ]
 
 
 def test_operator_pod_is_non_root_read_only_and_probed(
@@ -104,8 +116,10 @@ def test_operator_pod_is_non_root_read_only_and_probed(
     liveness = next(a for a in container["args"] if a.startswith("--liveness="))
     probe = container["livenessProbe"]["httpGet"]
     assert liveness.endswith(f":8080{probe['path']}")
-    env = {e["name"]: e["value"] for e in container["env"]}
+    env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
     assert set(env) == {"SLOFLEET_IMAGE", "SLOFLEET_ENGINE_IMAGE", "SLOFLEET_ENGINE_CPU_IMAGE"}
+    pod_namespace = next(e for e in container["env"] if e["name"] == "POD_NAMESPACE")
+    assert pod_namespace["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
     assert Images.from_env(env) == Images()  # deploy/ pins the images the operator defaults to
     assert container["image"] == env["SLOFLEET_IMAGE"]
     # The operator pods are the ones the rendered NetworkPolicies let reach the sidecars.

@@ -11,10 +11,12 @@ from typing import Any
 import pytest
 import yaml
 
+from slofleet.instance import Pool
 from slofleet.operator.render import (
+    POOL_LABEL,
     SIDECAR_GRPC_PORT,
     Images,
-    desired_engine_replicas,
+    desired_pool_replicas,
     render_all,
     vllm_args,
 )
@@ -42,6 +44,8 @@ def test_render_all_objects_are_owned_labelled_and_namespaced() -> None:
     assert set(objs) == {
         ("Secret", "svc-sidecar-token"),
         ("Deployment", "svc-engine"),
+        ("Deployment", "svc-engine-interactive"),
+        ("Deployment", "svc-engine-batch"),
         ("Service", "svc-engine"),
         ("PodDisruptionBudget", "svc-engine"),
         ("NetworkPolicy", "svc-sidecar-grpc"),
@@ -204,10 +208,10 @@ def test_images_come_from_the_spec_then_the_operator_environment() -> None:
 @pytest.mark.parametrize(
     ("policy", "current", "expected"),
     [
-        ("chiron", None, 2),  # creation: replicas.initial
-        ("chiron", 5, 5),  # the control loop owns the count afterwards
-        ("chiron", 9, 6),  # ... within min..max
-        ("chiron", 0, 1),
+        ("queue", None, 2),  # creation: replicas.initial
+        ("queue", 5, 5),  # the control loop owns the count afterwards
+        ("utilization", 9, 6),  # ... within min..max
+        ("queue", 0, 1),
         ("static", 5, 2),  # static: initial, always
     ],
 )
@@ -215,13 +219,60 @@ def test_engine_replicas(policy: str, current: int | None, expected: int) -> Non
     spec = parse_spec(
         {"model": "m", "replicas": {"min": 1, "max": 6, "initial": 2}, "autoscaling": {"policy": policy}}
     )
-    assert desired_engine_replicas(spec, current) == expected
+    assert desired_pool_replicas(spec, {Pool.MIXED: current}) == {Pool.MIXED: expected}
 
 
 def test_initial_defaults_to_min() -> None:
-    spec = parse_spec({"model": "m", "replicas": {"min": 3, "max": 6}})
-    assert desired_engine_replicas(spec, None) == 3
+    spec = parse_spec({"model": "m", "replicas": {"min": 3, "max": 6}, "autoscaling": {"policy": "queue"}})
+    assert desired_pool_replicas(spec, {}) == {Pool.MIXED: 3}
     assert "--max-model-len" not in vllm_args(spec)
+
+
+def test_chiron_pools_start_from_initial_then_belong_to_the_control_loop() -> None:
+    spec = parse_spec(
+        {
+            "model": "m",
+            "replicas": {"min": 1, "max": 8, "initial": 4},
+            "pools": {"interactive": {"min": 1, "max": 5}, "batch": {"max": 2}},
+        }
+    )
+    # A new service: replicas.initial spread over the pools (one mixed burst buffer).
+    assert desired_pool_replicas(spec, {}) == {Pool.INTERACTIVE: 3, Pool.MIXED: 1, Pool.BATCH: 0}
+    # Afterwards the control loop's counts stand, clamped only into each pool's bounds.
+    current = {Pool.INTERACTIVE: 9, Pool.MIXED: 3, Pool.BATCH: 2}
+    assert desired_pool_replicas(spec, current) == {Pool.INTERACTIVE: 5, Pool.MIXED: 3, Pool.BATCH: 2}
+    # An upgrade from the single engine Deployment (now the mixed pool): the new pools start at
+    # their minimum instead of adding a second fleet.
+    upgrade = {Pool.MIXED: 4, Pool.INTERACTIVE: None, Pool.BATCH: None}
+    assert desired_pool_replicas(spec, upgrade) == {Pool.INTERACTIVE: 1, Pool.MIXED: 4, Pool.BATCH: 0}
+
+
+def test_each_pool_is_a_deployment_whose_pods_and_sidecar_know_their_pool() -> None:
+    objs = by_kind(render_all(service(), IMAGES))
+    names = {
+        Pool.MIXED: "svc-engine",
+        Pool.INTERACTIVE: "svc-engine-interactive",
+        Pool.BATCH: "svc-engine-batch",
+    }
+    selectors = []
+    for pool, name in names.items():
+        dep = objs["Deployment", name]
+        pod_labels = dep["spec"]["template"]["metadata"]["labels"]
+        assert pod_labels[POOL_LABEL] == pool.value
+        args = containers(dep)["sidecar"]["args"]
+        assert args[args.index("--pool") + 1] == pool.value
+        # Every pool's pods are behind the one headless Service.
+        assert objs["Service", "svc-engine"]["spec"]["selector"].items() <= pod_labels.items()
+        selectors.append(dep["spec"]["selector"]["matchLabels"])
+    # The mixed pool keeps the original (immutable) selector; the others narrow it by pool.
+    assert selectors[0] == {"slofleet.io/service": "svc", "app.kubernetes.io/component": "engine"}
+    assert selectors[1] == {**selectors[0], POOL_LABEL: "interactive"}
+    # Single-pool policies render the mixed pool only.
+    single = by_kind(render_all(service(autoscaling={"policy": "utilization"}), IMAGES))
+    assert [k for k in single if k[0] == "Deployment"] == [
+        ("Deployment", "svc-engine"),
+        ("Deployment", "svc-gateway"),
+    ]
 
 
 def deployment(replicas: int = 2, ready: int = 0, updated: int = 0, **extra: Any) -> dict[str, Any]:

@@ -1,0 +1,136 @@
+"""KubernetesFleet: the operator's FleetBackend, one engine Deployment per pool (see render.py).
+
+Instances are the engine pods of one LLMService: the pool comes from the pod's pool label, the
+phase from its readiness, and the sidecar address from its IP and the port its `grpc` container
+port declares. `set_replicas` writes the pool Deployment's spec.replicas and leaves the pods to
+the Deployment controller, which also replaces failed pods: so re-asserting a target (what the
+control loop does every step) is free when nothing changed.
+
+Scale-in is never blind: before lowering replicas, the pods chosen by the policy (and drained by
+the control loop) get `controller.kubernetes.io/pod-deletion-cost` far below the default 0, and
+the ReplicaSet controller deletes the pods of lowest cost first (among equally ready pods).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from slofleet.fleet import InstanceRef, Phase
+from slofleet.instance import Pool
+from slofleet.operator.kube import KINDS, POD, ApiError, KubeClient
+from slofleet.operator.render import (
+    ENGINE_HTTP_PORT,
+    POOL_LABEL,
+    SIDECAR_GRPC_PORT,
+    SIDECAR_METRICS_PORT,
+    engine_selector,
+    pool_deployment_name,
+)
+
+log = logging.getLogger(__name__)
+
+DELETION_COST_ANNOTATION = "controller.kubernetes.io/pod-deletion-cost"
+# Far below the default (0) and below anything a person would set by hand for a "keep me" pod.
+SCALE_IN_DELETION_COST = -1000
+
+
+def _container_port(pod: Mapping[str, Any], name: str, default: int) -> int:
+    for container in pod.get("spec", {}).get("containers", []) or []:
+        for port in container.get("ports", []) or []:
+            if port.get("name") == name:
+                return int(port["containerPort"])
+    return default
+
+
+def _ready(pod: Mapping[str, Any]) -> bool:
+    conditions = pod.get("status", {}).get("conditions", []) or []
+    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
+
+
+def pod_phase(pod: Mapping[str, Any]) -> Phase:
+    """The fleet phase of an engine pod: leaving, failed, ready or still starting."""
+    if pod.get("metadata", {}).get("deletionTimestamp"):
+        return Phase.STOPPING
+    if pod.get("status", {}).get("phase") in ("Failed", "Succeeded"):
+        return Phase.FAILED
+    return Phase.READY if _ready(pod) else Phase.STARTING
+
+
+def instance_ref(pod: Mapping[str, Any]) -> InstanceRef:
+    """One engine pod as the control loop sees it. Pods of the original single engine Deployment
+    have no pool label and are mixed (that Deployment became the mixed pool's)."""
+    meta = pod.get("metadata", {})
+    pool = Pool((meta.get("labels") or {}).get(POOL_LABEL, Pool.MIXED.value))
+    ip = pod.get("status", {}).get("podIP") or ""
+    phase = pod_phase(pod)
+    if not ip and phase == Phase.READY:
+        phase = Phase.STARTING
+    grpc_port = _container_port(pod, "grpc", SIDECAR_GRPC_PORT)
+    return InstanceRef(
+        instance_id=meta["name"],
+        pool=pool,
+        phase=phase,
+        engine_url=f"http://{ip}:{_container_port(pod, 'http', ENGINE_HTTP_PORT)}" if ip else "",
+        sidecar_address=f"{ip}:{grpc_port}" if ip else "",
+        metrics_url=f"http://{ip}:{_container_port(pod, 'metrics', SIDECAR_METRICS_PORT)}/metrics"
+        if ip
+        else "",
+    )
+
+
+class KubernetesFleet:
+    """FleetBackend over one LLMService's pool Deployments (namespace/service) and their pods."""
+
+    def __init__(self, kube: KubeClient, namespace: str, service: str, pools: Sequence[Pool]) -> None:
+        self.kube = kube
+        self.namespace = namespace
+        self.service = service
+        self.pools = tuple(pools)
+
+    async def instances(self) -> Sequence[InstanceRef]:
+        pods = await self.kube.list(POD, self.namespace, engine_selector(self.service))
+        return [instance_ref(pod) for pod in pods]
+
+    async def desired_replicas(self) -> dict[Pool, int]:
+        """spec.replicas of each pool Deployment the policy uses (0 where it does not exist yet)."""
+        out = {}
+        for pool in self.pools:
+            dep = await self.kube.get(
+                KINDS["Deployment"], self.namespace, pool_deployment_name(self.service, pool)
+            )
+            out[pool] = int((dep or {}).get("spec", {}).get("replicas", 0) or 0)
+        return out
+
+    async def set_replicas(self, pool: Pool, replicas: int, remove_first: Sequence[str] = ()) -> None:
+        """Mark `remove_first` for deletion, then write the pool Deployment's replicas (only if
+        they differ: the control loop re-asserts every target on every step)."""
+        if replicas < 0:
+            raise ValueError(f"replicas: must be >= 0, got {replicas}")
+        name = pool_deployment_name(self.service, pool)
+        dep = await self.kube.get(KINDS["Deployment"], self.namespace, name)
+        if dep is None:
+            if replicas > 0:
+                # Reconcile creates it (it renders every pool the policy uses); the next step retries.
+                log.warning(
+                    "service=%s/%s event=pool_deployment_missing name=%s", self.namespace, self.service, name
+                )
+            return
+        for pod in remove_first:
+            await self.mark_for_scale_in(pod)
+        if int(dep.get("spec", {}).get("replicas", 0) or 0) != replicas:
+            await self.kube.patch(KINDS["Deployment"], self.namespace, name, {"spec": {"replicas": replicas}})
+            log.info(
+                "service=%s/%s event=replicas pool=%s replicas=%d remove_first=%s",
+                self.namespace, self.service, pool.value, replicas, list(remove_first),
+            )  # fmt: skip
+
+    async def mark_for_scale_in(self, pod: str) -> None:
+        """Give the pod the lowest deletion cost, so that lowering replicas removes this pod."""
+        patch = {"metadata": {"annotations": {DELETION_COST_ANNOTATION: str(SCALE_IN_DELETION_COST)}}}
+        try:
+            await self.kube.patch(POD, self.namespace, pod, patch)
+        except ApiError as exc:
+            if exc.status != 404:  # already gone: nothing to mark
+                raise
