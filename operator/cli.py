@@ -24,6 +24,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default="http://0.0.0.0:8080/healthz",
         help="kopf liveness endpoint URL (default %(default)s)",
     )
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=8081,
+        help="serve Prometheus metrics on this port at /metrics (0: off; default %(default)s)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
@@ -36,6 +42,10 @@ def run(args: argparse.Namespace) -> int:
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
     config = load_configuration(args.kubeconfig, args.context)
+    if args.metrics_port:
+        from slofleet.operator.metrics import serve
+
+        serve(args.metrics_port)
     asyncio.run(
         run_operator(
             config,

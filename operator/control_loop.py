@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -26,6 +27,7 @@ from slofleet.api.convert import load_from_pb
 from slofleet.api.v1 import sidecar_pb2, sidecar_pb2_grpc
 from slofleet.fleet import FleetBackend, InstanceRef, Phase
 from slofleet.instance import InstanceLoad, Pool, RequestClass
+from slofleet.operator.metrics import METRICS
 from slofleet.policies.baselines import QueueLengthAutoscaler, StaticAutoscaler, UtilizationAutoscaler
 from slofleet.policies.global_autoscaler import (
     Autoscaler,
@@ -192,8 +194,10 @@ class ControlLoop:
         drain_timeout_seconds: float = 120.0,
         expected_batch_tokens: float = 256.0,
         clock: Callable[[], float] = time.time,
+        namespace: str = "",
     ) -> None:
         self.service = service
+        self.metrics = METRICS.loop(namespace, service)
         self.backend = backend
         self.autoscaler = autoscaler
         self.sidecars = sidecars
@@ -234,6 +238,10 @@ class ControlLoop:
         loads, status = await asyncio.gather(self._loads(refs), self._gateway_status())
         obs = observe(self.clock(), desired, loads, status, self.expected_batch_tokens)
         decision = self.autoscaler.decide(obs)
+        self.metrics.observe_fleet(Counter((r.pool.value, r.phase.value) for r in refs))
+        self.metrics.observe_targets(
+            {p.value: n for p, n in desired.items()}, {p.value: n for p, n in decision.targets.items()}
+        )
         by_id = {r.instance_id: r for r in refs}
         for pool, target in decision.targets.items():
             if pool not in self.autoscaler.pools and target == 0 and desired.get(pool, 0) == 0:
@@ -244,11 +252,14 @@ class ControlLoop:
                     *(self.sidecars.drain(by_id[v].sidecar_address, self.drain_timeout_seconds)
                       for v in victims if v in by_id)
                 )  # fmt: skip
+                for ok in drained:
+                    self.metrics.drained(ok)
                 await self.on_event(LoopEvent("drain", "ScaleIn", f"drained {list(victims)}: {drained}"))
             await self.backend.set_replicas(pool, target, remove_first=victims)
         if decision.changed:
             await self.on_event(LoopEvent("scale", "Autoscaled", decision.summary(), decision))
         for ref in failed:
+            self.metrics.replacements.inc()
             await self.on_event(
                 LoopEvent("replace", "InstanceFailed", f"instance {ref.instance_id} failed; replaced")
             )
@@ -257,10 +268,12 @@ class ControlLoop:
     async def run(self, interval_seconds: float, stop: asyncio.Event) -> None:
         while not stop.is_set():
             started = self.clock()
-            try:
-                await self.step()
-            except Exception:  # the loop must outlive any one bad step; the next step retries
-                log.exception("service=%s event=control_step_failed", self.service)
+            with self.metrics.duration.time():
+                try:
+                    await self.step()
+                except Exception:  # the loop must outlive any one bad step; the next step retries
+                    self.metrics.errors.inc()
+                    log.exception("service=%s event=control_step_failed", self.service)
             elapsed = self.clock() - started
             try:
                 await asyncio.wait_for(stop.wait(), timeout=max(0.0, interval_seconds - elapsed))

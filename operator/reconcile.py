@@ -19,6 +19,7 @@ from kubernetes.utils.quantity import parse_quantity
 
 from slofleet.instance import Pool
 from slofleet.operator.kube import KINDS, LLMSERVICE, ApiError, KubeClient
+from slofleet.operator.metrics import observe_reconcile
 from slofleet.operator.render import (
     Images,
     engine_pools,
@@ -193,6 +194,7 @@ async def _engine_deployments(
     return {pool: await kube.get(kind, namespace, pool_deployment_name(name, pool)) for pool in Pool}
 
 
+@observe_reconcile
 async def reconcile(
     kube: KubeClient,
     namespace: str,
