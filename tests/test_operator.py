@@ -137,9 +137,10 @@ def _merged(base: Any, patch: Any) -> Any:
     return out
 
 
-@pytest.fixture
-async def api() -> AsyncIterator[tuple[ApiServer, str]]:
-    async with ApiServer() as server, kmock.Server(server) as http:
+@contextlib.asynccontextmanager
+async def emulator(cls: type[ApiServer] = ApiServer) -> AsyncIterator[tuple[ApiServer, str]]:
+    """An emulated API server of class `cls` with the resources the operator uses, and its URL."""
+    async with cls() as server, kmock.Server(server) as http:
         verbs = {"get", "list", "watch", "create", "patch", "update", "delete"}
         server.resources[LLMS] = kmock.ResourceInfo(
             kind="LLMService",
@@ -162,6 +163,12 @@ async def api() -> AsyncIterator[tuple[ApiServer, str]]:
             kind="Namespace", namespaced=False, verbs=verbs
         )
         yield server, str(http.url).rstrip("/")
+
+
+@pytest.fixture
+async def api() -> AsyncIterator[tuple[ApiServer, str]]:
+    async with emulator() as served:
+        yield served
 
 
 @contextlib.asynccontextmanager
