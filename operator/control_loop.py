@@ -194,10 +194,11 @@ class ControlLoop:
         drain_timeout_seconds: float = 120.0,
         expected_batch_tokens: float = 256.0,
         clock: Callable[[], float] = time.time,
-        namespace: str = "",
     ) -> None:
         self.service = service
-        self.metrics = METRICS.loop(namespace, service)
+        # `service` is "namespace/name" in a cluster and "name" locally; metrics label both apart.
+        namespace, _, name = service.rpartition("/")
+        self.metrics = METRICS.loop(namespace, name)
         self.backend = backend
         self.autoscaler = autoscaler
         self.sidecars = sidecars
