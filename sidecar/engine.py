@@ -1,5 +1,11 @@
 """The sidecar's adapter to its vLLM engine, over the engine's own HTTP endpoints.
 
+`/metrics` is read through prometheus_client's `name[]` filter at `/metrics/` (vLLM mounts
+prometheus_client's ASGI app there; its plain `/metrics` route ignores the filter): the engine's
+API server then renders 9 families instead of ~80, which cuts what a 10 Hz scrape costs it from
+~4.3 ms to ~1.4 ms of CPU per scrape (measured on the tiny model; bench/sidecar_load.py). If an
+engine answers the filtered URL wrongly, the sidecar falls back to the full page for good.
+
 Two aiohttp sessions, on purpose:
 - the *poll* session keeps one keep-alive connection for `/metrics` and `/health` at 10 Hz, so the
   engine's API server sees one idle socket, not a connect per poll;
@@ -11,14 +17,24 @@ Two aiohttp sessions, on purpose:
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
+from urllib.parse import urlencode
 
 import aiohttp
 
-from slofleet.sidecar.enginemetrics import EngineSample, parse_engine_metrics
+from slofleet.sidecar.enginemetrics import (
+    SAMPLE_NAMES,
+    EngineMetricsError,
+    EngineSample,
+    parse_engine_metrics,
+)
 from slofleet.sidecar.state import EngineInfo, KVLayout
 
+log = logging.getLogger("slofleet.sidecar.engine")
+
 KV_LAYOUT_METHOD = "slofleet_kv_layout"
+FILTERED_METRICS_PATH = "/metrics/?" + urlencode([("name[]", n) for n in SAMPLE_NAMES])
 EXTENSION_PROTOCOL = 1
 
 
@@ -33,6 +49,7 @@ class VllmEngine:
         self._control_timeout = aiohttp.ClientTimeout(total=control_timeout_seconds)
         self._poll: aiohttp.ClientSession | None = None
         self._control: aiohttp.ClientSession | None = None
+        self.metrics_path = FILTERED_METRICS_PATH
 
     async def start(self) -> None:
         self._poll = aiohttp.ClientSession(
@@ -54,18 +71,32 @@ class VllmEngine:
         return self._poll, self._control
 
     async def scrape(self) -> EngineSample:
+        try:
+            return await self._scrape(self.metrics_path)
+        except ValueError as e:  # includes EngineMetricsError
+            if self.metrics_path == "/metrics":
+                raise EngineError(f"GET {self.url}/metrics: {e}") from e
+            filtered_error = e
+        try:
+            sample = await self._scrape("/metrics")
+        except ValueError as e:
+            raise EngineError(f"GET {self.url}/metrics: {e}") from e
+        log.warning("engine ignores the /metrics/?name[]= filter (%s); reading the full page", filtered_error)
+        self.metrics_path = "/metrics"
+        return sample
+
+    async def _scrape(self, path: str) -> EngineSample:
         poll, _ = self._sessions()
         try:
-            async with poll.get(self.url + "/metrics") as resp:
+            async with poll.get(self.url + path) as resp:
+                if resp.status == 404 and path != "/metrics":
+                    raise EngineMetricsError(f"HTTP 404 for {path}")
                 if resp.status != 200:
-                    raise EngineError(f"GET {self.url}/metrics: HTTP {resp.status}")
+                    raise EngineError(f"GET {self.url}{path}: HTTP {resp.status}")
                 text = await resp.text()
         except (aiohttp.ClientError, TimeoutError) as e:
             raise EngineError(f"GET {self.url}/metrics: {type(e).__name__}: {e}") from e
-        try:
-            return parse_engine_metrics(text)
-        except ValueError as e:
-            raise EngineError(f"GET {self.url}/metrics: {e}") from e
+        return parse_engine_metrics(text)
 
     async def healthy(self) -> bool:
         poll, _ = self._sessions()

@@ -202,3 +202,36 @@ def test_watch_interval_out_of_range_names_the_field(ms):
 def test_request_info_validation_names_the_field(msg, field):
     with pytest.raises(InvalidArgument, match=rf"^events\[0\]\.request\.{field}: "):
         request_from_pb(msg, "events[0].request")
+
+
+async def test_engine_reader_falls_back_to_the_full_page_when_the_filter_is_not_served():
+    from aiohttp import web
+
+    from slofleet.sidecar.engine import FILTERED_METRICS_PATH, EngineError, VllmEngine
+
+    served = {"full": page(running=5), "filtered": None}
+
+    async def metrics(request: web.Request) -> web.Response:
+        body = served["filtered"] if request.path == "/metrics/" else served["full"]
+        return web.Response(text=body) if body is not None else web.Response(status=404)
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/metrics/", metrics)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    engine = VllmEngine(f"http://127.0.0.1:{port}")
+    await engine.start()
+    try:
+        assert engine.metrics_path == FILTERED_METRICS_PATH
+        assert (await engine.scrape()).running_requests == 5
+        assert engine.metrics_path == "/metrics"
+        served["full"] = "<html>502</html>"
+        with pytest.raises(EngineError, match="/metrics"):
+            await engine.scrape()
+    finally:
+        await engine.close()
+        await runner.cleanup()
