@@ -252,11 +252,10 @@ def targets_of(fleet: Fleet) -> list[Target]:
         if i["phase"] == "ready"  # type: ignore[index]
     ]
     out.append(Target("slofleet-gateways", f"{state['gateway_url']}/metrics", {**scope, "pod": "gateway"}))
-    out.append(
-        Target(
-            "slofleet-operator", f"http://127.0.0.1:{fleet.operator_port}/metrics", scope, honor_labels=True
-        )
-    )
+    # In a cluster the operator's series carry the LLMService's namespace and are scraped with
+    # honorLabels; the local control loop has no namespace (its label is empty), so here the
+    # target's labels must win: without honor_labels the empty label takes the target's value.
+    out.append(Target("slofleet-operator", f"http://127.0.0.1:{fleet.operator_port}/metrics", scope))
     return out
 
 
