@@ -4,8 +4,8 @@
 
 Per model size, one vLLM server at a time, driven by the Memory service in-process (the same
 code the sidecar serves over gRPC; engine calls go over the engine's HTTP routes as in a pod):
-- cold start: spawn the engine -> /health -> first generated token (the baseline; measured on a
-  warm torch.compile cache, i.e. the best case for a cold start);
+- cold start: spawn the engine -> /health -> first generated token (the baseline; it includes
+  torch.compile unless ~/.cache/vllm already holds this model's graph, the best case);
 - drop of every decoder layer with an empty host store (weights read back out of the packed
   GEMM handles and written to /dev/shm) and with a warm store (only freeing), and restore;
   median of `--repeat` cycles; worker RSS before/after from /proc;
@@ -168,7 +168,7 @@ async def main() -> None:
         "\ndrop new = layers read out of the packed GEMMs and written to the host store, then freed; "
         "drop warm = store already holds them (free only); restore = store -> engine, re-packed; "
         "times include pause/resume and the sidecar's engine calls. cold = spawn -> first token "
-        "(warm torch.compile cache). RSS freed = engine worker process, /proc."
+        "(torch.compile included unless cached). RSS freed = engine worker process, /proc."
     )
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))

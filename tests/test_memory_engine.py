@@ -333,22 +333,30 @@ async def test_restore_after_the_sidecar_restarts(
 
 
 async def test_restore_from_a_peer(
-    memory: pb_grpc.MemoryStub, engine: VllmServer, store_dir: Path, reference: list[list[int]]
+    memory: pb_grpc.MemoryStub,
+    engine: VllmServer,
+    small_model: Path,
+    store_dir: Path,
+    reference: list[list[int]],
 ) -> None:
-    """The local copy of layers 0-1 is discarded on drop; the only copy left is in another
-    sidecar's host store (filled from the same model by the engine), and restore pulls it."""
+    """A second engine of the same model saves layers 0-1 into its own host store; this engine
+    drops them discarding its host copy, so the peer's store holds the only copy, and the restore
+    pulls it over gRPC (digest-checked)."""
     peer_dir = Path(tempfile.mkdtemp(prefix="slofleet-test-peer-", dir="/dev/shm"))
-    peer = MemorySidecar(engine.url, peer_dir)
+    peer_engine = start_vllm(small_model, extra_args=ENGINE_ARGS)
+    peer = MemorySidecar(peer_engine.url, peer_dir)
     try:
         async with grpc.aio.insecure_channel(peer.address) as channel:
-            peer_stub = pb_grpc.MemoryStub(channel)
-            await peer_stub.DropLayers(pb.DropLayersRequest(layers=[0, 1]))
-            filled = await peer_stub.RestoreLayers(pb.RestoreLayersRequest())
-        assert {"layer.0", "layer.1"} <= set(filled.host_store_units)
+            saved = await pb_grpc.MemoryStub(channel).SaveLayers(pb.SaveLayersRequest(layers=[0, 1]))
+        assert {"layer.0", "layer.1"} <= set(saved.host_store_units) and saved.layers_resident == 8
         peer_entries = WeightStore(peer_dir).manifest()
 
         dropped = await memory.DropLayers(pb.DropLayersRequest(layers=[0, 1], discard_host_copy=True))
+        assert dropped.model_fingerprint == saved.model_fingerprint
         assert "layer.0" not in dropped.host_store_units and "layer.1" not in dropped.host_store_units
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await memory.SaveLayers(pb.SaveLayersRequest(layers=[1]))
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await memory.RestoreLayers(pb.RestoreLayersRequest())
         assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
@@ -366,6 +374,7 @@ async def test_restore_from_a_peer(
             assert local[unit].writer == f"peer {peer.address}"
     finally:
         peer.kill()
+        peer_engine.stop()
         shutil.rmtree(peer_dir, ignore_errors=True)
     assert (await _run_streams(engine.url, 4)) == reference[:4]
 

@@ -333,6 +333,34 @@ class MemoryService(pb_grpc.MemoryServicer):
             await self.engine.resume()
         return result
 
+    async def save_layers(self, request: pb.SaveLayersRequest) -> pb.MemoryStatus:
+        """Fill the host store from the running engine. Reading weights back needs no pause:
+        the worker handles one RPC between steps, and only reads."""
+        async with self._lock:
+            start = time.perf_counter()
+            state = await self._engine_state()
+            layers = list(request.layers) or list(range(state.layers_total))
+            bad = sorted({i for i in layers if not 0 <= i < state.layers_total})
+            if bad:
+                raise _invalid(
+                    f"layers: {bad} do not exist; the model has layers 0..{state.layers_total - 1}"
+                )
+            gone = sorted(set(layers) & set(state.dropped_layers))
+            if gone:
+                raise _precondition(f"layers: {gone} are dropped; only resident layers can be saved")
+            units = [layer_unit(i) for i in sorted(set(layers))]
+            if request.include_embedding_and_head:
+                units = ["embed", *units, "head"]
+            units = [u for u in units if u not in state.dropped_units]
+            result = await self.engine.rpc("slofleet_save_units", ",".join(units), str(self.store.root))
+            if not result.get("ok"):
+                raise CommandError(getattr(grpc.StatusCode, result["code"]), result["message"])
+            seconds = time.perf_counter() - start
+            log.info(
+                "saved %s to the host store in %.3f s (%d written)", units, seconds, len(result["written"])
+            )
+            return await self._status(None, seconds, 0)
+
     async def standby(self, request: pb.StandbyRequest) -> pb.MemoryStatus:
         async with self._lock:
             start = time.perf_counter()
@@ -420,6 +448,11 @@ class MemoryService(pb_grpc.MemoryServicer):
         self, request: pb.RestoreLayersRequest, context: grpc.aio.ServicerContext
     ) -> pb.MemoryStatus:
         return await self._rpc(context, self.restore_layers, request)
+
+    async def SaveLayers(
+        self, request: pb.SaveLayersRequest, context: grpc.aio.ServicerContext
+    ) -> pb.MemoryStatus:
+        return await self._rpc(context, self.save_layers, request)
 
     async def Standby(self, request: pb.StandbyRequest, context: grpc.aio.ServicerContext) -> pb.MemoryStatus:
         return await self._rpc(context, self.standby, request)

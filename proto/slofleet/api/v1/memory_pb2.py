@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cslofleet/api/v1/memory.proto\x12\x0bslofleet.v1\"\x15\n\x13MemoryStatusRequest\"\xf3\x02\n\x0cMemoryStatus\x12\x14\n\x0clayers_total\x18\x01 \x01(\x05\x12\x17\n\x0flayers_resident\x18\x02 \x01(\x05\x12\x16\n\x0e\x64ropped_layers\x18\x03 \x03(\x05\x12\x0f\n\x07standby\x18\x04 \x01(\x08\x12\x0e\n\x06paused\x18\x05 \x01(\x08\x12\x1d\n\x15resident_weight_bytes\x18\x06 \x01(\x03\x12\x1c\n\x14\x64ropped_weight_bytes\x18\x07 \x01(\x03\x12\x18\n\x10host_store_bytes\x18\x08 \x01(\x03\x12\x18\n\x10host_store_units\x18\t \x03(\t\x12\x19\n\x11model_fingerprint\x18\n \x01(\t\x12\x10\n\x08platform\x18\x0b \x01(\t\x12\x1f\n\x17\x65ngine_worker_rss_bytes\x18\x0c \x01(\x03\x12\x1e\n\x16last_operation_seconds\x18\r \x01(\x01\x12\x1c\n\x14last_operation_bytes\x18\x0e \x01(\x03\"P\n\x11\x44ropLayersRequest\x12\x0e\n\x06layers\x18\x01 \x03(\x05\x12\x10\n\x08\x66raction\x18\x02 \x01(\x01\x12\x19\n\x11\x64iscard_host_copy\x18\x03 \x01(\x08\";\n\x14RestoreLayersRequest\x12\x0e\n\x06layers\x18\x01 \x03(\x05\x12\x13\n\x0bsource_peer\x18\x02 \x01(\t\"\x10\n\x0eStandbyRequest\"\"\n\x0bWakeRequest\x12\x13\n\x0bsource_peer\x18\x01 \x01(\t\"=\n\x11ReadLayersRequest\x12\r\n\x05units\x18\x01 \x03(\t\x12\x19\n\x11model_fingerprint\x18\x02 \x01(\t\"L\n\nLayerChunk\x12\x0c\n\x04unit\x18\x01 \x01(\t\x12\x12\n\nentry_json\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x32\xb0\x03\n\x06Memory\x12\x45\n\x06Status\x12 .slofleet.v1.MemoryStatusRequest\x1a\x19.slofleet.v1.MemoryStatus\x12G\n\nDropLayers\x12\x1e.slofleet.v1.DropLayersRequest\x1a\x19.slofleet.v1.MemoryStatus\x12M\n\rRestoreLayers\x12!.slofleet.v1.RestoreLayersRequest\x1a\x19.slofleet.v1.MemoryStatus\x12\x41\n\x07Standby\x12\x1b.slofleet.v1.StandbyRequest\x1a\x19.slofleet.v1.MemoryStatus\x12;\n\x04Wake\x12\x18.slofleet.v1.WakeRequest\x1a\x19.slofleet.v1.MemoryStatus\x12G\n\nReadLayers\x12\x1e.slofleet.v1.ReadLayersRequest\x1a\x17.slofleet.v1.LayerChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cslofleet/api/v1/memory.proto\x12\x0bslofleet.v1\"\x15\n\x13MemoryStatusRequest\"\xf3\x02\n\x0cMemoryStatus\x12\x14\n\x0clayers_total\x18\x01 \x01(\x05\x12\x17\n\x0flayers_resident\x18\x02 \x01(\x05\x12\x16\n\x0e\x64ropped_layers\x18\x03 \x03(\x05\x12\x0f\n\x07standby\x18\x04 \x01(\x08\x12\x0e\n\x06paused\x18\x05 \x01(\x08\x12\x1d\n\x15resident_weight_bytes\x18\x06 \x01(\x03\x12\x1c\n\x14\x64ropped_weight_bytes\x18\x07 \x01(\x03\x12\x18\n\x10host_store_bytes\x18\x08 \x01(\x03\x12\x18\n\x10host_store_units\x18\t \x03(\t\x12\x19\n\x11model_fingerprint\x18\n \x01(\t\x12\x10\n\x08platform\x18\x0b \x01(\t\x12\x1f\n\x17\x65ngine_worker_rss_bytes\x18\x0c \x01(\x03\x12\x1e\n\x16last_operation_seconds\x18\r \x01(\x01\x12\x1c\n\x14last_operation_bytes\x18\x0e \x01(\x03\"P\n\x11\x44ropLayersRequest\x12\x0e\n\x06layers\x18\x01 \x03(\x05\x12\x10\n\x08\x66raction\x18\x02 \x01(\x01\x12\x19\n\x11\x64iscard_host_copy\x18\x03 \x01(\x08\";\n\x14RestoreLayersRequest\x12\x0e\n\x06layers\x18\x01 \x03(\x05\x12\x13\n\x0bsource_peer\x18\x02 \x01(\t\"G\n\x11SaveLayersRequest\x12\x0e\n\x06layers\x18\x01 \x03(\x05\x12\"\n\x1ainclude_embedding_and_head\x18\x02 \x01(\x08\"\x10\n\x0eStandbyRequest\"\"\n\x0bWakeRequest\x12\x13\n\x0bsource_peer\x18\x01 \x01(\t\"=\n\x11ReadLayersRequest\x12\r\n\x05units\x18\x01 \x03(\t\x12\x19\n\x11model_fingerprint\x18\x02 \x01(\t\"L\n\nLayerChunk\x12\x0c\n\x04unit\x18\x01 \x01(\t\x12\x12\n\nentry_json\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x32\xf9\x03\n\x06Memory\x12\x45\n\x06Status\x12 .slofleet.v1.MemoryStatusRequest\x1a\x19.slofleet.v1.MemoryStatus\x12G\n\nDropLayers\x12\x1e.slofleet.v1.DropLayersRequest\x1a\x19.slofleet.v1.MemoryStatus\x12M\n\rRestoreLayers\x12!.slofleet.v1.RestoreLayersRequest\x1a\x19.slofleet.v1.MemoryStatus\x12G\n\nSaveLayers\x12\x1e.slofleet.v1.SaveLayersRequest\x1a\x19.slofleet.v1.MemoryStatus\x12\x41\n\x07Standby\x12\x1b.slofleet.v1.StandbyRequest\x1a\x19.slofleet.v1.MemoryStatus\x12;\n\x04Wake\x12\x18.slofleet.v1.WakeRequest\x1a\x19.slofleet.v1.MemoryStatus\x12G\n\nReadLayers\x12\x1e.slofleet.v1.ReadLayersRequest\x1a\x17.slofleet.v1.LayerChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,14 +39,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DROPLAYERSREQUEST']._serialized_end=522
   _globals['_RESTORELAYERSREQUEST']._serialized_start=524
   _globals['_RESTORELAYERSREQUEST']._serialized_end=583
-  _globals['_STANDBYREQUEST']._serialized_start=585
-  _globals['_STANDBYREQUEST']._serialized_end=601
-  _globals['_WAKEREQUEST']._serialized_start=603
-  _globals['_WAKEREQUEST']._serialized_end=637
-  _globals['_READLAYERSREQUEST']._serialized_start=639
-  _globals['_READLAYERSREQUEST']._serialized_end=700
-  _globals['_LAYERCHUNK']._serialized_start=702
-  _globals['_LAYERCHUNK']._serialized_end=778
-  _globals['_MEMORY']._serialized_start=781
-  _globals['_MEMORY']._serialized_end=1213
+  _globals['_SAVELAYERSREQUEST']._serialized_start=585
+  _globals['_SAVELAYERSREQUEST']._serialized_end=656
+  _globals['_STANDBYREQUEST']._serialized_start=658
+  _globals['_STANDBYREQUEST']._serialized_end=674
+  _globals['_WAKEREQUEST']._serialized_start=676
+  _globals['_WAKEREQUEST']._serialized_end=710
+  _globals['_READLAYERSREQUEST']._serialized_start=712
+  _globals['_READLAYERSREQUEST']._serialized_end=773
+  _globals['_LAYERCHUNK']._serialized_start=775
+  _globals['_LAYERCHUNK']._serialized_end=851
+  _globals['_MEMORY']._serialized_start=854
+  _globals['_MEMORY']._serialized_end=1359
 # @@protoc_insertion_point(module_scope)

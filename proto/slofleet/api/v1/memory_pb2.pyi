@@ -172,6 +172,34 @@ class RestoreLayersRequest(_message.Message):
 Global___RestoreLayersRequest: _TypeAlias = RestoreLayersRequest  # noqa: Y015
 
 @_typing.final
+class SaveLayersRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LAYERS_FIELD_NUMBER: _builtins.int
+    INCLUDE_EMBEDDING_AND_HEAD_FIELD_NUMBER: _builtins.int
+    include_embedding_and_head: _builtins.bool
+    """Also save the embedding and the head (what Standby needs)."""
+    @_builtins.property
+    def layers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Copy these resident decoder layers into the host store without dropping them (empty = all),
+        so later drops only free memory and peers can restore from this instance.
+        """
+
+    def __init__(
+        self,
+        *,
+        layers: _abc.Iterable[_builtins.int] | None = ...,
+        include_embedding_and_head: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["include_embedding_and_head", b"include_embedding_and_head", "layers", b"layers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SaveLayersRequest: _TypeAlias = SaveLayersRequest  # noqa: Y015
+
+@_typing.final
 class StandbyRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

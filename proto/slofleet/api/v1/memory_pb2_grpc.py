@@ -49,6 +49,11 @@ class MemoryStub:
                 request_serializer=slofleet_dot_api_dot_v1_dot_memory__pb2.RestoreLayersRequest.SerializeToString,
                 response_deserializer=slofleet_dot_api_dot_v1_dot_memory__pb2.MemoryStatus.FromString,
                 _registered_method=True)
+        self.SaveLayers = channel.unary_unary(
+                '/slofleet.v1.Memory/SaveLayers',
+                request_serializer=slofleet_dot_api_dot_v1_dot_memory__pb2.SaveLayersRequest.SerializeToString,
+                response_deserializer=slofleet_dot_api_dot_v1_dot_memory__pb2.MemoryStatus.FromString,
+                _registered_method=True)
         self.Standby = channel.unary_unary(
                 '/slofleet.v1.Memory/Standby',
                 request_serializer=slofleet_dot_api_dot_v1_dot_memory__pb2.StandbyRequest.SerializeToString,
@@ -82,6 +87,12 @@ class MemoryServicer:
         raise NotImplementedError('Method not implemented!')
 
     def RestoreLayers(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SaveLayers(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -124,6 +135,11 @@ def add_MemoryServicer_to_server(servicer, server):
             'RestoreLayers': grpc.unary_unary_rpc_method_handler(
                     servicer.RestoreLayers,
                     request_deserializer=slofleet_dot_api_dot_v1_dot_memory__pb2.RestoreLayersRequest.FromString,
+                    response_serializer=slofleet_dot_api_dot_v1_dot_memory__pb2.MemoryStatus.SerializeToString,
+            ),
+            'SaveLayers': grpc.unary_unary_rpc_method_handler(
+                    servicer.SaveLayers,
+                    request_deserializer=slofleet_dot_api_dot_v1_dot_memory__pb2.SaveLayersRequest.FromString,
                     response_serializer=slofleet_dot_api_dot_v1_dot_memory__pb2.MemoryStatus.SerializeToString,
             ),
             'Standby': grpc.unary_unary_rpc_method_handler(
@@ -222,6 +238,33 @@ class Memory:
             target,
             '/slofleet.v1.Memory/RestoreLayers',
             slofleet_dot_api_dot_v1_dot_memory__pb2.RestoreLayersRequest.SerializeToString,
+            slofleet_dot_api_dot_v1_dot_memory__pb2.MemoryStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SaveLayers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/slofleet.v1.Memory/SaveLayers',
+            slofleet_dot_api_dot_v1_dot_memory__pb2.SaveLayersRequest.SerializeToString,
             slofleet_dot_api_dot_v1_dot_memory__pb2.MemoryStatus.FromString,
             options,
             channel_credentials,

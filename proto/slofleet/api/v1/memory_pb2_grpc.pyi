@@ -41,6 +41,7 @@ class MemoryStub:
     Status: _grpc.UnaryUnaryMultiCallable[_memory_pb2.MemoryStatusRequest, _memory_pb2.MemoryStatus]
     DropLayers: _grpc.UnaryUnaryMultiCallable[_memory_pb2.DropLayersRequest, _memory_pb2.MemoryStatus]
     RestoreLayers: _grpc.UnaryUnaryMultiCallable[_memory_pb2.RestoreLayersRequest, _memory_pb2.MemoryStatus]
+    SaveLayers: _grpc.UnaryUnaryMultiCallable[_memory_pb2.SaveLayersRequest, _memory_pb2.MemoryStatus]
     Standby: _grpc.UnaryUnaryMultiCallable[_memory_pb2.StandbyRequest, _memory_pb2.MemoryStatus]
     """Park the instance: pause (requests kept), every weight into the host store, memory freed."""
     Wake: _grpc.UnaryUnaryMultiCallable[_memory_pb2.WakeRequest, _memory_pb2.MemoryStatus]
@@ -54,6 +55,7 @@ class MemoryAsyncStub(MemoryStub):
     Status: _aio.UnaryUnaryMultiCallable[_memory_pb2.MemoryStatusRequest, _memory_pb2.MemoryStatus]  # type: ignore[assignment]
     DropLayers: _aio.UnaryUnaryMultiCallable[_memory_pb2.DropLayersRequest, _memory_pb2.MemoryStatus]  # type: ignore[assignment]
     RestoreLayers: _aio.UnaryUnaryMultiCallable[_memory_pb2.RestoreLayersRequest, _memory_pb2.MemoryStatus]  # type: ignore[assignment]
+    SaveLayers: _aio.UnaryUnaryMultiCallable[_memory_pb2.SaveLayersRequest, _memory_pb2.MemoryStatus]  # type: ignore[assignment]
     Standby: _aio.UnaryUnaryMultiCallable[_memory_pb2.StandbyRequest, _memory_pb2.MemoryStatus]  # type: ignore[assignment]
     """Park the instance: pause (requests kept), every weight into the host store, memory freed."""
     Wake: _aio.UnaryUnaryMultiCallable[_memory_pb2.WakeRequest, _memory_pb2.MemoryStatus]  # type: ignore[assignment]
@@ -80,6 +82,13 @@ class MemoryServicer(metaclass=_abc_1.ABCMeta):
     def RestoreLayers(
         self,
         request: _memory_pb2.RestoreLayersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_memory_pb2.MemoryStatus, _abc.Awaitable[_memory_pb2.MemoryStatus]]: ...
+
+    @_abc_1.abstractmethod
+    def SaveLayers(
+        self,
+        request: _memory_pb2.SaveLayersRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_memory_pb2.MemoryStatus, _abc.Awaitable[_memory_pb2.MemoryStatus]]: ...
 
