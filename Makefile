@@ -13,3 +13,6 @@ lint:
 
 test:  ## the README's test command
 	scripts/test.sh
+
+demo:  ## the README's first command: install, run a local fleet and a short trace replay
+	scripts/demo.sh

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from slofleet.gateway.config import GatewayConfig, ServiceDefaults
-
 from slofleet.instance import RequestClass
 from slofleet.policies.dispatch import DispatchParams, DispatchPolicy
 
@@ -22,6 +22,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
                      help="a vLLM base URL the gateway tracks itself (static mode; repeat)")  # fmt: skip
     src.add_argument("--sidecar", action="append", default=[], metavar="HOST:PORT",
                      help="an instance's sidecar gRPC address; load from its WatchLoad (repeat)")  # fmt: skip
+    src.add_argument("--sidecar-dns", metavar="NAME:PORT",
+                     help="a headless Service name; each of its addresses is a sidecar")  # fmt: skip
+    src.add_argument("--instances-file", type=Path, metavar="PATH",
+                     help="JSON list of {sidecar_address: ...}, re-read on change")  # fmt: skip
+    src.add_argument("--discovery-interval", type=float, default=2.0, help="seconds between re-reads")
     src.add_argument("--sidecar-token-file", type=Path, help="file holding the sidecars' bearer token")
     parser.add_argument("--concurrency-limit", type=int, default=d.concurrency_limit,
                         help="per-instance limit in static mode (sidecars send theirs)")  # fmt: skip
@@ -42,8 +47,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> GatewayConfig:
-    if not args.engine and not args.sidecar:
-        raise SystemExit("slofleet gateway: give at least one --engine URL or --sidecar HOST:PORT")
+    if not (args.engine or args.sidecar or args.sidecar_dns or args.instances_file):
+        raise SystemExit(
+            "slofleet gateway: give --engine URL, --sidecar HOST:PORT, --sidecar-dns NAME:PORT"
+            " or --instances-file PATH"
+        )
     token = args.sidecar_token_file.read_text().strip() if args.sidecar_token_file else None
     return GatewayConfig(
         host=args.host,
@@ -70,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
     import logging
 
     from aiohttp import web
+
     from slofleet.gateway.server import Gateway
 
     config = config_from_args(args)
@@ -77,5 +86,31 @@ def run(args: argparse.Namespace) -> int:
         level=config.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s service=gateway %(message)s",
     )
-    web.run_app(Gateway(config).app(), host=config.host, port=config.port, access_log=None, print=None)
+    gateway = Gateway(config)
+    app = gateway.app()
+    if args.sidecar_dns or args.instances_file:
+        _add_discovery(app, gateway, args, config.sidecar_token)
+    web.run_app(app, host=config.host, port=config.port, access_log=None, print=None)
     return 0
+
+
+def _add_discovery(app: Any, gateway: Any, args: argparse.Namespace, token: str | None) -> None:
+    """Follow sidecars as they come and go (runs after the gateway's own start-up)."""
+    import asyncio
+    import contextlib
+
+    from slofleet.gateway.discovery import SidecarDiscovery, dns_source, file_source
+
+    source = file_source(args.instances_file) if args.instances_file else dns_source(args.sidecar_dns)
+
+    async def start(_app: Any) -> None:
+        discovery = SidecarDiscovery(gateway.pool, gateway.session, token, gateway.scheduler.prefix.forget)
+        _app["discovery"] = asyncio.create_task(discovery.run(source, args.discovery_interval))
+
+    async def stop(_app: Any) -> None:
+        _app["discovery"].cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await _app["discovery"]
+
+    app.on_startup.append(start)
+    app.on_cleanup.insert(0, stop)
