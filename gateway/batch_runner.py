@@ -23,7 +23,6 @@ from slofleet.gateway.relay import Accumulator, Relay, RequestState
 from slofleet.gateway.requests import new_state
 from slofleet.gateway.scheduler import Scheduler
 from slofleet.gateway.validate import ROUTES, parse_request
-
 from slofleet.instance import RequestClass
 
 log = logging.getLogger("slofleet.gateway.batch_runner")

@@ -22,12 +22,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+
 from slofleet.gateway.errors import ApiError
 from slofleet.gateway.instances import Instance, InstancePool
 from slofleet.gateway.metrics import GatewayMetrics
 from slofleet.gateway.scheduler import Placement, Scheduler
 from slofleet.gateway.validate import ParsedRequest
-
 from slofleet.instance import RequestClass
 
 log = logging.getLogger("slofleet.gateway.relay")
@@ -39,6 +39,8 @@ _CARRIED = (
     "bad_words", "include_stop_str_in_output", "skip_special_tokens", "spaces_between_special_tokens",
     "truncate_prompt_tokens", "user",
 )  # fmt: skip
+# vLLM names the prompt by its internal fields; the client knows it as prompt/messages.
+_ENGINE_PROMPT_PARAMS = frozenset({"input_text", "input_ids", "prompt_token_ids", "prompt_embeds"})
 _DUMPS = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 Sink = Callable[[dict[str, Any]], Awaitable[None]]
@@ -177,6 +179,11 @@ class Relay:
         """
         state = self.active.get(request_id)
         if state is None or state.instance is None or state.instance is target or state.finish_reason:
+            log.info(
+                "request_id=%s event=move_refused known=%s finished=%s on_target=%s",
+                request_id, state is not None, state is not None and bool(state.finish_reason),
+                state is not None and state.instance is target,
+            )  # fmt: skip
             return False
         state.placement.generated_tokens = len(state.token_ids)
         state.move_target = target
@@ -362,8 +369,9 @@ def engine_client_error(status: int, raw: bytes, parsed: ParsedRequest) -> ApiEr
         param = err.get("param")
     except (ValueError, KeyError, TypeError, AttributeError):
         message, param = raw[:500].decode(errors="replace"), None
-    if param is None and ("context length" in message or "maximum context" in message):
-        param = "prompt" if parsed.kind == "completions" else "messages"
+    prompt_field = "prompt" if parsed.kind == "completions" else "messages"
+    if param in _ENGINE_PROMPT_PARAMS or (param is None and "context length" in message):
+        param = prompt_field
     if param and not message.startswith(f"{param}:"):
         message = f"{param}: {message}"
     return ApiError(status if 400 <= status < 500 else 400, message, param=param)

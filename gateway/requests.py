@@ -10,7 +10,6 @@ from slofleet.gateway.errors import ApiError
 from slofleet.gateway.relay import RequestState
 from slofleet.gateway.scheduler import Placement
 from slofleet.gateway.validate import ParsedRequest
-
 from slofleet.instance import RequestClass
 from slofleet.prefix_index import block_hashes
 

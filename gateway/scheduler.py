@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from slofleet.gateway.errors import ApiError
 from slofleet.gateway.instances import Instance, InstancePool
 from slofleet.gateway.metrics import GatewayMetrics
-
 from slofleet.instance import RequestClass, RequestInfo
 from slofleet.policies.dispatch import DispatchParams, DispatchPolicy, DispatchRequest, choose
 from slofleet.prefix_index import PrefixIndex

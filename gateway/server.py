@@ -13,6 +13,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
 from slofleet.gateway.batch import BatchStore, parse_window, validate_batch_file
 from slofleet.gateway.batch_runner import BatchRunner
 from slofleet.gateway.config import GatewayConfig
@@ -141,6 +142,7 @@ class Gateway:
         r.add_get("/v1/batches/{batch_id}", self.get_batch)
         r.add_post("/v1/batches/{batch_id}/cancel", self.cancel_batch)
         r.add_get("/slofleet/v1/status", self.status)
+        r.add_post("/slofleet/v1/requests/{request_id}/move", self.move_request)
         return app
 
     # --- plain routes ------------------------------------------------------------------------
@@ -200,6 +202,21 @@ class Gateway:
                 "instances": instances,
             }
         )
+
+    async def move_request(self, request: web.Request) -> web.Response:
+        """Cut a running request over to another instance (the operator's migration cut-over)."""
+        assert self.relay is not None
+        body = parse_json(await request.read())
+        target_id = body.get("instance_id") if isinstance(body, dict) else None
+        if not isinstance(target_id, str):
+            raise invalid("instance_id", "is required (the instance to move the request to)", "missing_field")
+        target = self.pool.instances.get(target_id)
+        if target is None or not target.ready:
+            raise invalid("instance_id", f"'{target_id[:80]}' is not a ready instance")
+        rid = request.match_info["request_id"]
+        if not self.relay.move(rid, target):
+            raise ApiError(409, f"request_id: '{rid[:80]}' is not running elsewhere now", param="request_id")
+        return _json({"request_id": rid, "instance_id": target_id, "moving": True})
 
     # --- generation --------------------------------------------------------------------------
     async def generate(self, request: web.Request) -> web.StreamResponse:

@@ -15,9 +15,9 @@ from collections.abc import AsyncIterator, Callable
 
 import aiohttp
 import grpc
+
 from slofleet.api.v1 import sidecar_pb2, sidecar_pb2_grpc
 from slofleet.gateway.instances import Instance, InstancePool, discover_engine
-
 from slofleet.instance import InstanceLoad, Pool, RequestClass, RequestInfo
 
 log = logging.getLogger("slofleet.gateway.sidecar")
