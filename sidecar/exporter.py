@@ -31,6 +31,13 @@ class LoadCollector(Collector):
         def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
             return GaugeMetricFamily(PREFIX + name, doc, value=value)
 
+        ident = GaugeMetricFamily(
+            PREFIX + "info",
+            "This sidecar's instance and pool (value is always 1).",
+            labels=["instance_id", "pool"],
+        )
+        ident.add_metric([state.instance_id, str(s.pool)], 1.0)
+        yield ident
         yield gauge("healthy", "1 while the engine answers /health and /metrics.", float(s.healthy))
         yield gauge("draining", "1 while the instance takes no new requests (Drain).", float(s.draining))
         yield gauge("running_requests", "Requests in the engine's running batch.", s.running_requests)
@@ -83,11 +90,9 @@ class LoadCollector(Collector):
         if info is not None:
             family = GaugeMetricFamily(
                 PREFIX + "engine_info", "The engine beside this sidecar (value is always 1).",
-                labels=["instance_id", "model", "engine_version", "kv_dtype", "kv_layout"],
+                labels=["model", "engine_version", "kv_dtype", "kv_layout"],
             )  # fmt: skip
-            family.add_metric(
-                [state.instance_id, info.model, info.engine_version, info.kv.dtype, info.kv.layout], 1.0
-            )
+            family.add_metric([info.model, info.engine_version, info.kv.dtype, info.kv.layout], 1.0)
             yield family
             yield gauge(
                 "kv_block_bytes", "Bytes of one KV block across all layers, K and V.", info.kv.bytes_per_block

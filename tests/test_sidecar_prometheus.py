@@ -94,6 +94,7 @@ def test_promtool_accepts_the_sidecar_exposition(sidecar_metrics_url):
 
 
 SERIES = [
+    'slofleet_instance_info{instance_id="prom-test",pool="mixed"}',
     "slofleet_instance_healthy",
     "slofleet_instance_running_requests",
     "slofleet_instance_waiting_requests",
@@ -145,7 +146,7 @@ def test_prometheus_scrapes_the_sidecar(sidecar_metrics_url, vllm_server, tmp_pa
             if line.startswith("vllm:cache_config_info")
         )
         assert f'num_gpu_blocks="{int(float(blocks["value"][1]))}"' in engine_blocks
-        (info,) = query('slofleet_instance_engine_info{instance_id="prom-test"}')
+        (info,) = query("slofleet_instance_engine_info")
         assert info["metric"]["engine_version"] and info["metric"]["kv_layout"]
         assert query("slofleet_instance_kv_free_blocks <= slofleet_instance_kv_blocks")
         targets = json.loads(_get(base + "/api/v1/targets"))["data"]["activeTargets"]
