@@ -411,6 +411,11 @@ class SlofleetMigrationConnector(KVConnectorBase_V1):
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         rid = request.request_id
+        params = (request.kv_transfer_params or {}).get(PARAMS_KEY)
+        if params and params.get("segment"):
+            # A migrated-in request loads its prefix once (again only after a preemption, which
+            # ends before this): its segment's memory goes back now.
+            seg.remove(str(params["segment"]))
         with self._lock:
             self._requests.pop(rid, None)
             self._load_plans.pop(rid, None)

@@ -1,0 +1,228 @@
+"""Engines with slofleet's KV connector, their Migration services, and a client that follows a move.
+
+Shared by tests/test_migration_engine.py and bench/migration.py. The client plays the gateway's
+part of the contract (gateway/relay.py owns it in production): it streams with
+`return_token_ids`, and when the source's stream ends with finish_reason "abort" (or none) it asks the source
+sidecar's `ResolveMigration` where to resume, then continues there with prompt = prompt ids +
+tokens received, the remaining `max_tokens`, and the `kv_transfer_params` the resolution gives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+import tempfile
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import grpc
+from prometheus_client import CollectorRegistry
+
+from slofleet.api.v1 import migration_pb2 as pb
+from slofleet.api.v1 import migration_pb2_grpc as pb_grpc
+from slofleet.sidecar.migration.engine_link import KVControl
+from slofleet.sidecar.migration.service import (
+    GRPC_OPTIONS,
+    MigrationMetrics,
+    MigrationService,
+    add_migration_service,
+)
+from tests.enginectl import VllmServer, free_port, start_vllm
+
+CONNECTOR = "SlofleetMigrationConnector"
+CONNECTOR_MODULE = "slofleet.sidecar.vllm_ext.kv_connector"
+
+
+def connector_args(control_socket: str) -> list[str]:
+    cfg = {
+        "kv_connector": CONNECTOR,
+        "kv_role": "kv_both",
+        "kv_connector_module_path": CONNECTOR_MODULE,
+        "kv_connector_extra_config": {"control_socket": control_socket},
+    }
+    return ["--kv-transfer-config", json.dumps(cfg)]
+
+
+@dataclass
+class Node:
+    """One instance: engine + its Migration service (in this process, on its own gRPC port)."""
+
+    name: str
+    server: VllmServer
+    control: KVControl
+    service: MigrationService
+    grpc_server: grpc.aio.Server
+    grpc_addr: str
+    registry: CollectorRegistry
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    def stub(self) -> pb_grpc.MigrationStub:
+        return pb_grpc.MigrationStub(grpc.aio.insecure_channel(self.grpc_addr, options=GRPC_OPTIONS))
+
+
+def start_engine(name: str, model: str | Path, engine_args: Sequence[str], max_model_len: int) -> tuple[
+    VllmServer, str
+]:
+    sock_dir = Path(tempfile.mkdtemp(prefix=f"slofleet-{name}-", dir="/dev/shm"))
+    sock = str(sock_dir / "kv.sock")
+    server = start_vllm(model, extra_args=[*connector_args(sock), *engine_args], max_model_len=max_model_len)
+    return server, sock
+
+
+async def start_node(name: str, server: VllmServer, sock: str, **service_args: object) -> Node:
+    registry = CollectorRegistry()
+    control = KVControl(sock, server.url)
+    service = MigrationService(control, metrics=MigrationMetrics(registry), **service_args)  # type: ignore[arg-type]
+    grpc_server = grpc.aio.server(options=GRPC_OPTIONS)
+    add_migration_service(grpc_server, service)
+    port = free_port()
+    grpc_server.add_insecure_port(f"127.0.0.1:{port}")
+    await grpc_server.start()
+    return Node(name, server, control, service, grpc_server, f"127.0.0.1:{port}", registry)
+
+
+async def migrate(
+    source: Node, target: Node | str, request_id: str, *, max_stages: int = 8, cutover_blocks: int = 2,
+    target_instance: str | None = None,
+) -> list[pb.MigrationProgress]:
+    """MigrateOut on the source's sidecar, as the operator calls it; returns every progress message."""
+    addr = target.grpc_addr if isinstance(target, Node) else target
+    inst = target_instance or (target.name if isinstance(target, Node) else "gone")
+    req = pb.MigrateOutRequest(
+        request_id=request_id, target_sidecar=addr, target_instance=inst, max_stages=max_stages,
+        cutover_blocks=cutover_blocks, timeout_seconds=120,
+    )
+    async with grpc.aio.insecure_channel(source.grpc_addr, options=GRPC_OPTIONS) as ch:
+        return [p async for p in pb_grpc.MigrationStub(ch).MigrateOut(req)]
+
+
+@dataclass
+class Leg:
+    url: str
+    tokens: list[int] = field(default_factory=list)
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+    kv_transfer_params: dict[str, object] | None = None
+
+
+@dataclass
+class StreamResult:
+    tokens: list[int]
+    finish_reason: str | None
+    legs: list[Leg]
+
+    def gaps(self) -> list[float]:
+        """Client-visible downtime of each move: last token of one leg to first of the next."""
+        out = []
+        for a, b in zip(self.legs, self.legs[1:], strict=False):
+            if a.last_token_at is not None and b.first_token_at is not None:
+                out.append(b.first_token_at - a.last_token_at)
+        return out
+
+
+async def _stream(
+    session: aiohttp.ClientSession, leg: Leg, body: dict[str, object], request_id: str,
+    received: asyncio.Queue[int] | None,
+) -> AsyncIterator[tuple[list[int], str | None]]:
+    async with session.post(
+        leg.url + "/v1/completions", json=body, headers={"X-Request-Id": request_id}
+    ) as resp:
+        if resp.status != 200:
+            raise RuntimeError(f"{leg.url}: HTTP {resp.status}: {(await resp.text())[:300]}")
+        async for line in resp.content:
+            if not line.startswith(b"data: ") or line.strip() == b"data: [DONE]":
+                continue
+            for ch in json.loads(line[6:]).get("choices", []):
+                toks = ch.get("token_ids") or []
+                if toks:
+                    now = time.perf_counter()
+                    leg.first_token_at = leg.first_token_at or now
+                    leg.last_token_at = now
+                    if received is not None:
+                        received.put_nowait(len(toks))
+                yield toks, ch.get("finish_reason")
+
+
+async def generate_following_moves(
+    session: aiohttp.ClientSession,
+    nodes: dict[str, Node],
+    first: Node,
+    model: str,
+    prompt: list[int],
+    max_tokens: int,
+    request_id: str,
+    received: asyncio.Queue[int] | None = None,
+) -> StreamResult:
+    """Greedy generation that continues wherever the source's sidecar says the request went."""
+    tokens: list[int] = []
+    legs: list[Leg] = []
+    node, kv_params, attempt = first, None, 0
+    while True:
+        leg = Leg(node.url, kv_transfer_params=kv_params)
+        legs.append(leg)
+        body: dict[str, object] = {
+            "model": model, "prompt": prompt + tokens, "max_tokens": max_tokens - len(tokens),
+            "temperature": 0, "ignore_eos": True, "stream": True, "return_token_ids": True,
+        }
+        if kv_params:
+            body["kv_transfer_params"] = kv_params
+        finish = None
+        rid = request_id if attempt == 0 else f"{request_id}-m{attempt}"
+        async for toks, reason in _stream(session, leg, body, rid, received):
+            tokens += toks
+            leg.tokens += toks
+            finish = reason or finish
+        # vLLM ends an aborted stream with finish_reason "abort": that is the cut-over signal.
+        if finish not in (None, "abort"):
+            return StreamResult(tokens, finish, legs)
+        async with grpc.aio.insecure_channel(node.grpc_addr, options=GRPC_OPTIONS) as ch:
+            res = await pb_grpc.MigrationStub(ch).ResolveMigration(
+                pb.ResolveMigrationRequest(request_id=rid, wait_seconds=30)
+            )
+        if res.state == pb.ResolveMigrationReply.STATE_NONE:
+            raise RuntimeError(f"stream of {rid} on {node.name} ended without finish and no migration")
+        node = nodes[res.target_instance]
+        kv_params = json.loads(res.kv_transfer_params_json) if res.kv_transfer_params_json else None
+        attempt += 1
+
+
+async def complete(session: aiohttp.ClientSession, url: str, model: str, prompt: list[int],
+                   max_tokens: int) -> list[int]:
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+            "ignore_eos": True, "return_token_ids": True}
+    async with session.post(url + "/v1/completions", json=body) as resp:
+        data = await resp.json()
+    return list(data["choices"][0]["token_ids"])
+
+
+_SOURCE_RE = re.compile(r'^vllm:prompt_tokens_by_source_total\{[^}]*source="([a-z_]+)"[^}]*\}\s+(\S+)$')
+
+
+async def prompt_tokens_by_source(session: aiohttp.ClientSession, url: str) -> dict[str, float]:
+    async with session.get(url + "/metrics") as resp:
+        text = await resp.text()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        m = _SOURCE_RE.match(line)
+        if m:
+            out[m.group(1)] = float(m.group(2))
+    return out
+
+
+async def wait_tokens(received: asyncio.Queue[int], n: int) -> None:
+    got = 0
+    while got < n:
+        got += await received.get()
+
+
+async def stop_node(node: Node) -> None:
+    with contextlib.suppress(Exception):
+        await node.grpc_server.stop(0)
