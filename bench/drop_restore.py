@@ -31,13 +31,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 import aiohttp  # noqa: E402
-from enginectl import VllmServer, start_vllm  # noqa: E402
+from enginectl import PROJECT_ENGINE_ARGS, VllmServer, start_vllm  # noqa: E402
 
 from slofleet.api.v1 import memory_pb2 as pb  # noqa: E402
 from slofleet.sidecar.memory.service import MemoryService  # noqa: E402
 from slofleet.tinymodel import ensure_tiny_model  # noqa: E402
-
-ENGINE_ARGS = ("--worker-extension-cls", "slofleet.sidecar.vllm_ext.layers.LayerDropExtension")
 
 
 def worker_rss(server: VllmServer) -> int:
@@ -71,7 +69,7 @@ async def first_token_seconds(url: str) -> float:
 async def measure(size: str, repeat: int) -> dict[str, Any]:
     model = ensure_tiny_model(size)
     start = time.perf_counter()
-    server = start_vllm(model, extra_args=ENGINE_ARGS)
+    server = start_vllm(model, extra_args=PROJECT_ENGINE_ARGS)
     store_dir = Path(tempfile.mkdtemp(prefix=f"slofleet-bench-{size}-", dir="/dev/shm"))
     service = MemoryService(server.url, str(store_dir))
     try:

@@ -24,7 +24,7 @@ from pathlib import Path
 import aiohttp
 import grpc
 import pytest
-from enginectl import VllmServer, free_port, start_vllm
+from enginectl import PROJECT_ENGINE_ARGS, VllmServer, free_port, start_vllm
 
 from slofleet.api.v1 import memory_pb2 as pb
 from slofleet.api.v1 import memory_pb2_grpc as pb_grpc
@@ -32,7 +32,6 @@ from slofleet.sidecar.weightstore import WeightStore
 
 pytestmark = pytest.mark.engine
 
-ENGINE_ARGS = ("--worker-extension-cls", "slofleet.sidecar.vllm_ext.layers.LayerDropExtension")
 MAX_TOKENS = 400
 STREAMS = 16
 
@@ -46,7 +45,7 @@ def small_model() -> Path:
 
 @pytest.fixture(scope="module")
 def engine(small_model: Path) -> Iterator[VllmServer]:
-    server = start_vllm(small_model, extra_args=ENGINE_ARGS)
+    server = start_vllm(small_model, extra_args=PROJECT_ENGINE_ARGS)
     try:
         yield server
     finally:
@@ -343,7 +342,7 @@ async def test_restore_from_a_peer(
     drops them discarding its host copy, so the peer's store holds the only copy, and the restore
     pulls it over gRPC (digest-checked)."""
     peer_dir = Path(tempfile.mkdtemp(prefix="slofleet-test-peer-", dir="/dev/shm"))
-    peer_engine = start_vllm(small_model, extra_args=ENGINE_ARGS)
+    peer_engine = start_vllm(small_model, extra_args=PROJECT_ENGINE_ARGS)
     peer = MemorySidecar(peer_engine.url, peer_dir)
     try:
         async with grpc.aio.insecure_channel(peer.address) as channel:

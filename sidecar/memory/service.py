@@ -386,8 +386,7 @@ class MemoryService(pb_grpc.MemoryServicer):
             start = time.perf_counter()
             state = await self._engine_state()
             if state.gpu_sleep and await self.engine.is_sleeping():
-                await self.engine.wake_up()
-                await self.engine.resume()
+                await self.engine.wake_up()  # UNTESTED here; a full wake_up also resumes the scheduler
                 nbytes = sum(state.raw["unit_bytes"].values())
             else:
                 units = state.dropped_units
