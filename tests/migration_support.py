@@ -160,8 +160,13 @@ async def generate_following_moves(
     max_tokens: int,
     request_id: str,
     received: asyncio.Queue[int] | None = None,
+    recompute_on: Node | None = None,
 ) -> StreamResult:
-    """Greedy generation that continues wherever the source's sidecar says the request went."""
+    """Greedy generation that continues wherever the source's sidecar says the request went.
+
+    A stop that no migration explains resumes by recompute on `recompute_on` if given (the
+    gateway's answer to a lost instance; the benchmark's baseline), else raises.
+    """
     tokens: list[int] = []
     legs: list[Leg] = []
     node, kv_params, attempt = first, None, 0
@@ -188,7 +193,10 @@ async def generate_following_moves(
                 pb.ResolveMigrationRequest(request_id=rid, wait_seconds=30)
             )
         if res.state == pb.ResolveMigrationReply.STATE_NONE:
-            raise RuntimeError(f"stream of {rid} on {node.name} ended without finish and no migration")
+            if recompute_on is None:
+                raise RuntimeError(f"stream of {rid} on {node.name} ended without finish and no migration")
+            node, kv_params, attempt = recompute_on, None, attempt + 1
+            continue
         node = nodes[res.target_instance]
         kv_params = json.loads(res.kv_transfer_params_json) if res.kv_transfer_params_json else None
         attempt += 1
