@@ -1,7 +1,8 @@
 """`slofleet sidecar`: run the per-pod sidecar next to a vLLM engine.
 
 The bearer token comes from a file (`--token-file`, e.g. a mounted Kubernetes Secret) or from the
-environment (SLOFLEET_SIDECAR_TOKEN); the file wins. There is no way to run without one.
+environment (SLOFLEET_SIDECAR_TOKEN); the file wins, and is re-read when it changes (Secret
+rotation). There is no way to run without a token.
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
             engine_url=args.engine_url,
             instance_id=args.instance_id,
             token=read_token(args.token_file),
+            token_file=args.token_file,
             grpc_host=args.grpc_host,
             grpc_port=args.grpc_port,
             metrics_host=args.metrics_host,

@@ -15,6 +15,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 from aiohttp import web
@@ -24,7 +25,7 @@ from slofleet.api.v1 import sidecar_pb2_grpc as pb_grpc
 from slofleet.instance import Pool
 from slofleet.sidecar.engine import EngineError, VllmEngine
 from slofleet.sidecar.exporter import SidecarMetrics
-from slofleet.sidecar.service import BearerTokenInterceptor, HealthReporter, SidecarService
+from slofleet.sidecar.service import BearerTokenInterceptor, ExpectedToken, HealthReporter, SidecarService
 from slofleet.sidecar.state import SidecarState
 from slofleet.sidecar.window import SampleWindow
 
@@ -36,6 +37,9 @@ class SidecarConfig:
     engine_url: str
     instance_id: str
     token: str
+    # The file the token came from (a mounted Secret): re-read when it changes, so rotation
+    # needs no restart.
+    token_file: Path | None = None
     grpc_host: str = "0.0.0.0"
     grpc_port: int = 0
     metrics_host: str = "0.0.0.0"
@@ -91,7 +95,9 @@ class Sidecar:
         await self.engine.start()
         await self.health.set(False)
         server = grpc.aio.server(
-            interceptors=[BearerTokenInterceptor(cfg.token, self._auth_failed)],
+            interceptors=[
+                BearerTokenInterceptor(ExpectedToken(cfg.token, cfg.token_file), self._auth_failed)
+            ],
             options=[("grpc.so_reuseport", 0)],
         )
         pb_grpc.add_SidecarServicer_to_server(self.service, server)

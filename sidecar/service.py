@@ -11,8 +11,10 @@ import asyncio
 import hmac
 import logging
 import math
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -293,6 +295,47 @@ def _deny(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler
     return grpc.stream_stream_rpc_method_handler(refuse_stream, **kw)
 
 
+class ExpectedToken:
+    """The bearer token the sidecar accepts. With `path` (a mounted Kubernetes Secret), the file is
+    re-read when it changes, checked at most once per `check_seconds`: the kubelet swaps the
+    mounted file on rotation, and the sidecar must follow without a restart. A changed file that
+    is unreadable or empty keeps the previous token (and is logged), never an empty one."""
+
+    def __init__(self, token: str, path: Path | None = None, check_seconds: float = 1.0) -> None:
+        if not token:
+            raise ValueError("token: must not be empty")
+        self._header = f"Bearer {token}".encode()
+        self._path = path
+        self._check_seconds = check_seconds
+        self._next_check = time.monotonic() + check_seconds
+        self._mtime_ns = self._stat()
+
+    def _stat(self) -> int | None:
+        if self._path is None:
+            return None
+        try:
+            return os.stat(self._path).st_mtime_ns
+        except OSError:
+            return None
+
+    def header(self) -> bytes:
+        """The whole expected `authorization` value, `Bearer <token>`."""
+        if self._path is not None and time.monotonic() >= self._next_check:
+            self._next_check = time.monotonic() + self._check_seconds
+            mtime = self._stat()
+            if mtime != self._mtime_ns:
+                self._mtime_ns = mtime
+                try:
+                    token = self._path.read_text().strip()
+                except OSError as e:
+                    token = ""
+                    log.warning("token file %s unreadable (%s); keeping the previous token", self._path, e)
+                if token:
+                    self._header = f"Bearer {token}".encode()
+                    log.info("bearer token reloaded from %s", self._path)
+        return self._header
+
+
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
     """Refuses every call without `authorization: Bearer <token>` (UNAUTHENTICATED).
 
@@ -300,10 +343,8 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
     health reveals only SERVING/NOT_SERVING. Everything else (load, limits, drain) needs the token.
     """
 
-    def __init__(self, token: str, on_failure: Callable[[str], None]) -> None:
-        if not token:
-            raise ValueError("token: must not be empty")
-        self._expected = f"Bearer {token}".encode()
+    def __init__(self, token: ExpectedToken, on_failure: Callable[[str], None]) -> None:
+        self._token = token
         self._on_failure = on_failure
 
     async def intercept_service(
@@ -319,7 +360,7 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
             if key == "authorization":
                 presented = value.encode() if isinstance(value, str) else bytes(value)
                 break
-        if presented is not None and hmac.compare_digest(presented, self._expected):
+        if presented is not None and hmac.compare_digest(presented, self._token.header()):
             return await continuation(handler_call_details)
         reason = "missing" if presented is None else "invalid"
         self._on_failure(reason)

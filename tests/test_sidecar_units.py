@@ -4,6 +4,7 @@ request validation. The engine-backed behaviour is in test_sidecar_engine.py."""
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 
@@ -235,3 +236,22 @@ async def test_engine_reader_falls_back_to_the_full_page_when_the_filter_is_not_
     finally:
         await engine.close()
         await runner.cleanup()
+
+
+def test_expected_token_follows_its_file(tmp_path):
+    from slofleet.sidecar.service import ExpectedToken
+
+    path = tmp_path / "token"
+    path.write_text("one\n")
+    token = ExpectedToken("one", path, check_seconds=0)
+    assert token.header() == b"Bearer one"
+    path.write_text("two\n")
+    os.utime(path, ns=(1, 10**18))  # a rotation: new content, new mtime
+    assert token.header() == b"Bearer two"
+    path.write_text("")
+    os.utime(path, ns=(1, 2 * 10**18))
+    assert token.header() == b"Bearer two"  # an empty file never opens the door
+    path.unlink()
+    assert token.header() == b"Bearer two"
+    with pytest.raises(ValueError, match="token"):
+        ExpectedToken("")
