@@ -438,3 +438,20 @@ def test_engine_extension_answers_collective_rpc(vllm_server):
         (layout,) = json.load(resp)["results"]
     assert layout["num_layers"] == len(layout["layer_names"]) == len(layout["tensor_shapes"]) == 2
     assert layout["allocated_bytes"] == layout["num_blocks"] * layout["bytes_per_block"]
+
+
+def test_engine_loaded_the_general_plugin(vllm_server):
+    """The `vllm.general_plugins` entry point ran inside the engine's processes."""
+    assert "slofleet vLLM plugin loaded (vllm 0.32." in vllm_server.log_path.read_text(errors="replace")
+
+
+def test_plugin_refuses_another_vllm_series(monkeypatch):
+    from slofleet.sidecar.vllm_ext.plugin import ALLOW_ANY_VERSION_ENV, check_version
+
+    monkeypatch.delenv(ALLOW_ANY_VERSION_ENV, raising=False)
+    check_version("0.32.0")
+    check_version("0.32.7")
+    with pytest.raises(RuntimeError, match=r"vllm version 0\.33\.1: .*supports vLLM 0\.32\.x"):
+        check_version("0.33.1")
+    monkeypatch.setenv(ALLOW_ANY_VERSION_ENV, "1")
+    check_version("0.33.1")
