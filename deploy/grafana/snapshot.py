@@ -351,12 +351,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "docs")
     parser.add_argument("--duration", type=float, default=30.0)
+    parser.add_argument("--workdir", type=Path, help="keep the fleet's logs and Prometheus data here")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    with (
-        tempfile.TemporaryDirectory(prefix="slofleet-snapshot-") as tmp,
-        live_fleet(Path(tmp), args.duration) as live,
-    ):
+    with contextlib.ExitStack() as stack:
+        if args.workdir is None:
+            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="slofleet-snapshot-")))
+        else:
+            workdir = args.workdir
+            workdir.mkdir(parents=True, exist_ok=True)
+        live = stack.enter_context(live_fleet(workdir, args.duration))
         print(live.replay_output)
         for path in plot(live, args.out):
             print(f"wrote {path}")
