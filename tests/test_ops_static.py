@@ -319,3 +319,19 @@ def test_checkov_finds_nothing_unjustified(tmp_path: Path) -> None:
     for r in reports:
         for s in r["results"].get("skipped_checks", []):
             assert len(s.get("suppress_comment") or "") > 20, s["check_id"]
+
+
+def test_gitops_snippets_parse_and_ignore_what_the_scale_subresource_writes() -> None:
+    text = (ROOT / "docs" / "gitops.md").read_text()
+    blocks = re.findall(r"```yaml\n(.*?)```", text, flags=re.S)
+    docs = [d for b in blocks for d in yaml.safe_load_all(b) if d]
+    assert len(blocks) >= 3
+    app = next(d for d in docs if d.get("kind") == "Application")
+    pointers = [p for rule in app["spec"]["ignoreDifferences"] for p in rule.get("jsonPointers", [])]
+    assert "RespectIgnoreDifferences=true" in app["spec"]["syncPolicy"]["syncOptions"]
+    crd = yaml.safe_load(next((ROOT / "crds").glob("*.yaml")).read_text())
+    scale = crd["spec"]["versions"][0]["subresources"]["scale"]
+    assert "/" + scale["specReplicasPath"].lstrip(".").replace(".", "/") in pointers
+    assert all(
+        d["kind"] == "Kustomization" for d in docs if d.get("apiVersion", "").startswith("kustomize.toolkit")
+    )
