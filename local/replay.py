@@ -42,6 +42,11 @@ class Outcome:
     finished_at: float = 0.0
 
     @property
+    def completed(self) -> bool:
+        """Answered in full: every token the trace asked for arrived."""
+        return self.ok and self.output_tokens >= self.arrival.output_tokens
+
+    @property
     def itl_seconds(self) -> list[float]:
         return [b - a for a, b in zip(self.token_times, self.token_times[1:], strict=False)]
 
@@ -70,6 +75,9 @@ async def _send_one(
         "min_tokens": arrival.output_tokens,
         "ignore_eos": True,
         "temperature": 0.0,
+        # Token ids per chunk: a chunk's text can be empty (an incomplete UTF-8 sequence), so
+        # text alone cannot count tokens.
+        "return_token_ids": True,
     }
     interactive = arrival.request_class == RequestClass.INTERACTIVE
     headers = {"X-Slofleet-Class": arrival.request_class.value}
@@ -94,7 +102,7 @@ async def _send_one(
                         outcome.error = str(chunk["error"])[:300]
                         return outcome
                     for choice in chunk.get("choices", []):
-                        n = len(choice.get("token_ids") or []) or (1 if choice.get("text") else 0)
+                        n = len(choice.get("token_ids") or [])
                         if n:
                             now = time.monotonic() - t0
                             if outcome.ttft_seconds is None:

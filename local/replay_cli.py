@@ -142,7 +142,7 @@ def main(args: argparse.Namespace) -> int:
     paths = plot(outcomes, samples, out_dir)
     print(report)
     print(f"plots: {', '.join(str(p) for p in paths)}")
-    failed = [o for o in outcomes if not o.ok]
+    failed = [o for o in outcomes if not o.completed]
     for o in failed[:5]:
-        print(f"failed: status {o.status} {o.error}")
+        print(f"incomplete: status {o.status}, {o.output_tokens}/{o.arrival.output_tokens} tokens {o.error}")
     return 0 if not failed else 1

@@ -44,7 +44,7 @@ def summarise(outcomes: Sequence[Outcome], slo: SloTargets) -> list[ClassSummary
         mine = [o for o in outcomes if o.arrival.request_class == cls]
         if not mine:
             continue
-        ok = [o for o in mine if o.ok and o.output_tokens >= o.arrival.output_tokens]
+        ok = [o for o in mine if o.completed]
         ttfts = [o.ttft_seconds for o in ok if o.ttft_seconds is not None]
         itls = [x for o in ok for x in o.itl_seconds]
         if cls == RequestClass.INTERACTIVE:
@@ -86,10 +86,17 @@ def format_report(
         f"{'class':<12} {'sent':>6} {'done':>6} {'failed':>6} {'SLO met':>8} {'TTFT p50':>9} {'TTFT p99':>9}"
         f" {'ITL p50':>8} {'ITL p99':>8} {'tok/s':>8}",
     ]
+
+    def sec(v: float, width: int) -> str:
+        return f"{v:>{width - 1}.3f}s" if v == v else f"{'-':>{width}}"  # NaN: none measured
+
+    def ms(v: float) -> str:
+        return f"{v * 1e3:>6.1f}ms" if v == v else f"{'-':>8}"
+
     for r in rows:
         lines.append(
             f"{r.request_class.value:<12} {r.sent:>6} {r.completed:>6} {r.failed:>6} {r.attainment:>8.1%}"
-            f" {r.ttft_p50:>8.3f}s {r.ttft_p99:>8.3f}s {r.itl_p50 * 1e3:>6.1f}ms {r.itl_p99 * 1e3:>6.1f}ms"
+            f" {sec(r.ttft_p50, 9)} {sec(r.ttft_p99, 9)} {ms(r.itl_p50)} {ms(r.itl_p99)}"
             f" {r.output_tokens / max(duration_seconds, 1e-9):>8.1f}"
         )
     events = ", ".join(f"{k} {v:g}" for k, v in fleet_events.items())

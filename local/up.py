@@ -192,17 +192,21 @@ class LocalUp:
         proc.start()
         return proc
 
-    async def _wait_gateway(self, session: aiohttp.ClientSession, timeout_seconds: float = 60.0) -> None:
+    async def _wait_gateway(
+        self, session: aiohttp.ClientSession, serving: bool = False, timeout_seconds: float = 120.0
+    ) -> None:
+        """Wait until the gateway answers (or, with `serving`, has a ready instance behind it)."""
         deadline = time.monotonic() + timeout_seconds
         while time.monotonic() < deadline:
             if self.gateway is not None and not self.gateway.alive():
                 raise RuntimeError(f"gateway exited during start-up:\n{self.gateway.tail()}")
             with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                # /health says 503 until the gateway follows a ready instance.
                 async with session.get(f"{self.state.gateway_url}/health") as r:
-                    if r.status == 200:
+                    if r.status == 200 or not serving:
                         return
             await asyncio.sleep(0.3)
-        raise TimeoutError("gateway not healthy in time")
+        raise TimeoutError(f"gateway not {'serving' if serving else 'answering'} in {timeout_seconds:.0f} s")
 
     async def run(self, ready_callback: asyncio.Event | None = None) -> int:
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -228,7 +232,8 @@ class LocalUp:
                     await fleet.set_replicas(pool, n)
                 async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
                     await self._wait_gateway(session)
-                await fleet.wait_ready()
+                    await fleet.wait_ready()
+                    await self._wait_gateway(session, serving=True)
                 self._save_state()
                 started = time.time() - self.state.started_at
                 print(
