@@ -203,7 +203,12 @@ class MemoryService(pb_grpc.MemoryServicer):
             )
         return _EngineState(raw)
 
-    async def _status(self, state: _EngineState | None = None, op_seconds: float = 0.0, op_bytes: int = 0):
+    async def status(self) -> pb.MemoryStatus:
+        return await self._status()
+
+    async def _status(
+        self, state: _EngineState | None = None, op_seconds: float = 0.0, op_bytes: int = 0
+    ) -> pb.MemoryStatus:
         state = state or await self._engine_state()
         manifest = {u: e for u, e in self.store.manifest().items() if e.model == state.fingerprint}
         unit_bytes = state.raw["unit_bytes"]
@@ -436,7 +441,7 @@ class MemoryService(pb_grpc.MemoryServicer):
     async def Status(
         self, request: pb.MemoryStatusRequest, context: grpc.aio.ServicerContext
     ) -> pb.MemoryStatus:
-        return await self._rpc(context, lambda _: self._status(), request)
+        return await self._rpc(context, lambda _: self.status(), request)
 
     async def DropLayers(
         self, request: pb.DropLayersRequest, context: grpc.aio.ServicerContext
