@@ -36,6 +36,7 @@ class Instance:
     kv_total_blocks: int = 0
     concurrency_limit: int = 64
     healthy: bool = False
+    failed_checks: int = 0
     draining: bool = False
     pool: Pool = Pool.MIXED
     # Latest sidecar snapshot (sidecar mode only).
@@ -148,26 +149,42 @@ def static_instance(url: str, concurrency_limit: int) -> Instance:
     return Instance(instance_id=parts.netloc or url, url=url.rstrip("/"), concurrency_limit=concurrency_limit)
 
 
+# A busy engine answers /health late: only this many slow checks in a row take it out. A refused
+# connection (the process is gone) takes it out at once.
+SLOW_CHECKS_TOLERATED = 3
+
+
+async def _check(
+    session: aiohttp.ClientSession, pool: InstancePool, inst: Instance, on_restart: Callable[[str], None]
+) -> None:
+    try:
+        async with session.get(f"{inst.url}/health", timeout=aiohttp.ClientTimeout(total=5)) as r:
+            ok = r.status == 200
+        if ok and (not inst.healthy or not inst.model):
+            await discover_engine(session, inst)
+            on_restart(inst.instance_id)
+            log.info("instance=%s event=healthy model=%s", inst.instance_id, inst.model)
+        inst.failed_checks = 0 if ok else SLOW_CHECKS_TOLERATED
+    except aiohttp.ClientConnectorError as exc:
+        inst.failed_checks = SLOW_CHECKS_TOLERATED
+        log.debug("instance=%s health check refused: %s", inst.instance_id, exc)
+    except (aiohttp.ClientError, TimeoutError, KeyError, ValueError) as exc:
+        inst.failed_checks += 1
+        log.debug("instance=%s health check failed: %s", inst.instance_id, exc)
+    ok = inst.failed_checks < SLOW_CHECKS_TOLERATED and bool(inst.model)
+    if ok != inst.healthy:
+        inst.healthy = ok
+        if not ok:
+            log.warning("instance=%s event=unhealthy reason=health-check", inst.instance_id)
+        pool.changed()
+
+
 async def watch_static_health(
     session: aiohttp.ClientSession, pool: InstancePool, interval_s: float, on_restart: Callable[[str], None]
 ) -> None:
-    """Poll each static engine's /health; (re)discover it when it comes back."""
+    """Poll every static engine's /health concurrently; (re)discover one when it comes back."""
     while True:
-        for inst in list(pool.instances.values()):
-            ok = False
-            try:
-                async with session.get(f"{inst.url}/health", timeout=aiohttp.ClientTimeout(total=2)) as r:
-                    ok = r.status == 200
-                if ok and (not inst.healthy or not inst.model):
-                    await discover_engine(session, inst)
-                    on_restart(inst.instance_id)
-                    log.info("instance=%s event=healthy model=%s", inst.instance_id, inst.model)
-            except (aiohttp.ClientError, TimeoutError, KeyError, ValueError) as exc:
-                ok = False
-                log.debug("instance=%s health check failed: %s", inst.instance_id, exc)
-            if ok != inst.healthy:
-                inst.healthy = ok
-                if not ok:
-                    log.warning("instance=%s event=unhealthy reason=health-check", inst.instance_id)
-                pool.changed()
+        await asyncio.gather(
+            *(_check(session, pool, inst, on_restart) for inst in list(pool.instances.values()))
+        )
         await asyncio.sleep(interval_s)

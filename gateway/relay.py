@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -43,7 +44,11 @@ _CARRIED = (
 _ENGINE_PROMPT_PARAMS = frozenset({"input_text", "input_ids", "prompt_token_ids", "prompt_embeds"})
 _DUMPS = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
-Sink = Callable[[dict[str, Any]], Awaitable[None]]
+# A sink gets each client chunk as a dict, plus its exact bytes when the engine's chunk could be
+# forwarded as is (the hot path: no re-serialization); streaming sinks write the bytes.
+Sink = Callable[[dict[str, Any], bytes | None], Awaitable[None]]
+# Token ids the gateway asked for (to be able to resume) but the client did not.
+_TOKEN_FIELDS = re.compile(rb',"(?:prompt_token_ids|token_ids)":(?:null|\[[0-9,]*\])|,"prompt_text":null')
 
 
 class InstanceLost(Exception):
@@ -111,6 +116,8 @@ class Relay:
         self.metrics = metrics
         self.max_resumes = max_resumes
         self.active: dict[str, RequestState] = {}
+        self._ttft = {c: metrics.ttft.labels(c.value) for c in RequestClass}
+        self._itl = {c: metrics.itl.labels(c.value) for c in RequestClass}
 
     def engine_id(self, state: RequestState) -> str:
         """Name the next attempt on an engine (vLLM needs unique ids; X-Request-Id sets them)."""
@@ -255,7 +262,7 @@ class Relay:
                     if data == b"[DONE]":
                         done = True
                         break
-                    await self._relay(state, json.loads(data), sink, continuation)
+                    await self._relay(state, data, sink, continuation)
         except (aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
             if state.move_target is not None:
                 raise MoveRequested(state.move_target) from exc
@@ -268,7 +275,8 @@ class Relay:
         if not done and state.finish_reason is None:
             raise InstanceLost("the engine's stream ended before the request finished")
 
-    async def _relay(self, state: RequestState, obj: dict[str, Any], sink: Sink, continuation: bool) -> None:
+    async def _relay(self, state: RequestState, data: bytes, sink: Sink, continuation: bool) -> None:
+        obj = json.loads(data)
         if "error" in obj:
             err = obj["error"] if isinstance(obj["error"], dict) else {"message": str(obj["error"])}
             code = err.get("code")
@@ -304,6 +312,15 @@ class Relay:
         if finish is not None:
             state.finish_reason = finish
             state.stop_reason = ch.get("stop_reason")
+        if state.attempts == 1 and not continuation:
+            # First attempt: the engine's id is ours and its chunk has the client's shape already.
+            state.created = obj.get("created", state.created)
+            if tokens:
+                self._observe(state)
+            state.chunks_sent += 1
+            raw = data if state.parsed.return_token_ids else _TOKEN_FIELDS.sub(b"", data)
+            await self._send(sink, obj, raw)
+            return
         await self._emit(state, sink, text, tokens, finish, ch.get("stop_reason"), ch.get("logprobs"), delta)
 
     async def _emit(
@@ -347,16 +364,24 @@ class Relay:
         out["created"] = state.created
         out["model"] = parsed.model
         out["choices"] = [choice]
-        now = time.perf_counter()
         if tokens:
-            if state.last_chunk_at == 0.0:
-                self.metrics.ttft.labels(state.request_class.value).observe(now - state.arrival)
-            else:
-                self.metrics.itl.labels(state.request_class.value).observe(now - state.last_chunk_at)
-            state.last_chunk_at = now
+            self._observe(state)
         state.chunks_sent += 1
+        await self._send(sink, out, None)
+
+    def _observe(self, state: RequestState) -> None:
+        now = time.perf_counter()
+        cls = state.request_class
+        if state.last_chunk_at == 0.0:
+            self._ttft[cls].observe(now - state.arrival)
+        else:
+            self._itl[cls].observe(now - state.last_chunk_at)
+        state.last_chunk_at = now
+
+    @staticmethod
+    async def _send(sink: Sink, chunk: dict[str, Any], raw: bytes | None) -> None:
         try:
-            await sink(out)
+            await sink(chunk, raw)
         except (ConnectionError, aiohttp.ClientError, RuntimeError) as exc:
             raise ClientGone(str(exc)) from exc
 
@@ -385,7 +410,7 @@ class Accumulator:
         self.parts: list[str] = []
         self.logprobs: Any = None
 
-    async def __call__(self, chunk: dict[str, Any]) -> None:
+    async def __call__(self, chunk: dict[str, Any], _raw: bytes | None = None) -> None:
         ch = chunk["choices"][0]
         piece = ch["text"] if "text" in ch else (ch.get("delta") or {}).get("content")
         if piece:

@@ -265,12 +265,12 @@ class Gateway:
             }
         )
 
-        async def sink(chunk: dict[str, Any]) -> None:
+        async def sink(chunk: dict[str, Any], raw: bytes | None = None) -> None:
             if not resp.prepared:
                 if state.instance is not None:
                     resp.headers["X-Slofleet-Instance"] = state.instance.instance_id
                 await resp.prepare(request)
-            await resp.write(b"data: " + _DUMPS(chunk).encode() + b"\n\n")
+            await resp.write(b"data: " + (raw if raw is not None else _DUMPS(chunk).encode()) + b"\n\n")
 
         try:
             await self.relay.execute(state, sink)

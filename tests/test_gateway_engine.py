@@ -402,6 +402,38 @@ def _metric(gw: GatewayProcess, line_prefix: str) -> float:
 
 
 MOVES = 'slofleet_gateway_resumes_total{reason="move"}'
+
+
+class BackgroundLoad:
+    """Long requests straight to every engine, so that a stream through the gateway is slower than
+    its reader (an idle engine finishes 1900 tiny-model tokens before the client reads chunk 2)."""
+
+    def __init__(self, engines: Engines, per_engine: int = 12) -> None:
+        body = {"model": "tiny", "prompt": "background", "max_tokens": 1500, "ignore_eos": True}
+        self.threads = [
+            threading.Thread(target=self._post, args=(s.url, body), daemon=True)
+            for s in list(engines.servers)
+            for _ in range(per_engine)
+        ]
+
+    @staticmethod
+    def _post(url: str, body: dict[str, Any]) -> None:
+        try:
+            httpx.post(url + "/v1/completions", json=body, timeout=120)
+        except httpx.HTTPError:
+            pass  # an engine killed by the test ends its background requests too
+
+    def __enter__(self) -> BackgroundLoad:
+        for t in self.threads:
+            t.start()
+        time.sleep(0.5)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for t in self.threads:
+            t.join()
+
+
 LOSSES = 'slofleet_gateway_resumes_total{reason="instance_lost"}'
 
 
@@ -426,7 +458,8 @@ def test_move_mid_stream_keeps_the_token_sequence(
                 r = httpx.post(f"{gateway.url}/slofleet/v1/requests/{rid}/move", json={"instance_id": other})
                 answers.append(r.status_code)
 
-        got, _, chunks, _ = _stream_tokens(gateway.url + path, body, move)
+        with BackgroundLoad(engines):
+            got, _, chunks, _ = _stream_tokens(gateway.url + path, body, move)
         assert got == want
         assert len({c["id"] for c in chunks}) == 1
         if answers == [200]:
@@ -452,7 +485,8 @@ def test_engine_killed_mid_stream_client_gets_the_undisturbed_tokens(
                 killed.append(victim)
 
         try:
-            got, _, _, _ = _stream_tokens(gateway.url + path, body, kill)
+            with BackgroundLoad(engines):
+                got, _, _, _ = _stream_tokens(gateway.url + path, body, kill)
         finally:
             if killed:  # bring the fleet back to two instances
                 engines.start(port=killed[0].port)
