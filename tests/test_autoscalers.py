@@ -372,3 +372,19 @@ def test_preemption_instance_is_a_mixed_one_with_batch_work() -> None:
     )
     assert choose_preemption_instance([interactive_only, batch_pool, with_batch]) == "m1"
     assert choose_preemption_instance([interactive_only, batch_pool]) is None
+
+
+def test_one_latency_episode_cuts_the_limit_once() -> None:
+    """The latency window still holds the samples that caused a cut; they must not cut again."""
+    cfg = LocalAutoscalerConfig(decrease_cooldown_steps=5)
+    state = LocalAutoscalerState(limit=100, slow_start=False)
+    slow = LocalObservation(2.0, 0.02, 1e4, 100, 0.5)
+    limits = []
+    for _ in range(5):
+        state = next_limit(state, slow, cfg)
+        limits.append(state.limit)
+    assert limits == [85] * 5
+    # a violation that persists past the cooldown cuts again; KV exhaustion never waits
+    assert next_limit(state, slow, cfg).limit < 85
+    kv_state = next_limit(LocalAutoscalerState(limit=100), slow, cfg)
+    assert next_limit(kv_state, LocalObservation(0.1, 0.01, 1e4, 85, 0.99, 2), cfg).limit < kv_state.limit

@@ -207,3 +207,15 @@ def test_cli_prints_the_comparison_table(tmp_path: Path, capsys: pytest.CaptureF
 def test_cli_rejects_unknown_policy(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["simulate", "--policy", "magic", "--capacity-rps", "1"]) == 2
     assert "magic" in capsys.readouterr().err
+
+
+def test_dispatch_prefilter_gives_the_same_choices_as_dispatch_over_the_whole_fleet() -> None:
+    """The simulator hands `dispatch.choose` only the k freest instances; for the freeness policy
+    that must not change a single decision."""
+    base = shape(load_trace("azure-conv"), start_s=900, duration_s=90, load_scale=10, seed=3)
+    results = []
+    for k in (3, 0):
+        cfg = SimConfig(calibration=CAL, initial_replicas={Pool.MIXED: 8}, dispatch_prefilter=k)
+        results.append(Simulator(base, (), StaticAutoscaler(8), cfg).run())
+    assert np.array_equal(results[0].ttft, results[1].ttft)
+    assert np.array_equal(results[0].itl, results[1].itl)

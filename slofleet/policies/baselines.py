@@ -161,9 +161,7 @@ class FreenessAutoscaler:
         if not loads:
             return _decision(obs, self.bounds.clamp(max(cur, 1)), "no ready instance reports load")
         mean = sum(ld.freeness for ld in loads) / len(loads)
-        starting = cur - len(obs.loads)
-        if mean < self.up and starting <= 0:
-            # One at a time and not while one is still starting (Llumnix waits for it too).
+        if mean < self.up:
             return _decision(obs, self.bounds.clamp(cur + 1), f"mean freeness {mean:.1f} < {self.up}")
         if mean > self.down:
             return _decision(obs, self.bounds.clamp(cur - 1), f"mean freeness {mean:.1f} > {self.down}")

@@ -138,11 +138,11 @@ class ChironConfig:
     )
     attainment_target: float = 0.99
     # Scale out when demand exceeds this fraction of the summed local limits ...
-    target_fill: float = 0.8
+    target_fill: float = 0.7
     # ... and in only when it would stay below this one with one instance fewer.
-    scale_in_fill: float = 0.6
+    scale_in_fill: float = 0.5
     # Share of the interactive-serving instances kept as mixed (burst buffer that runs batch).
-    mixed_fraction: float = 0.25
+    mixed_fraction: float = 0.35
     # Fraction of a mixed instance's batch throughput counted on for deadlines (the rest is
     # reserved for interactive bursts, which preempt batch).
     mixed_batch_share: float = 0.5

@@ -32,7 +32,11 @@ class LocalAutoscalerConfig:
     slo_headroom: float = 0.8
     # KV usage at or above this counts as exhaustion (vLLM preempts shortly after).
     kv_high: float = 0.95
-    decrease_factor: float = 0.7
+    decrease_factor: float = 0.85
+    # Steps after a decrease in which latency cannot cause another one: the latency window still
+    # holds the samples that caused the first (TCP reacts once per round trip for the same
+    # reason). KV exhaustion is not held back: it is measured now, not over a window.
+    decrease_cooldown_steps: int = 5
     additive_step: int = 2
     # Relative throughput gain that counts as "still rising" after a limit increase.
     min_gain: float = 0.02
@@ -80,6 +84,7 @@ class LocalAutoscalerState:
     slow_start: bool = True
     last_throughput: float = 0.0
     reason: str = "initial"
+    cooldown: int = 0
 
     @classmethod
     def initial(cls, config: LocalAutoscalerConfig) -> LocalAutoscalerState:
@@ -98,6 +103,9 @@ def next_limit(
     def bounded(value: int) -> int:
         return max(config.min_limit, min(config.max_limit, value))
 
+    cooldown = max(0, state.cooldown - 1)
+    if worst > 1.0 and not kv_exhausted and cooldown > 0:
+        return replace(state, cooldown=cooldown, reason="hold: slo violated, recent decrease still settling")
     if worst > 1.0 or kv_exhausted:
         # Decrease from what is actually in flight when that is lower: a limit above the real
         # concurrency would take several steps to bite.
@@ -108,12 +116,19 @@ def next_limit(
             if kv_exhausted
             else f"slo violated (ttft p99 {obs.ttft_p99_s:.3f}s, itl p99 {obs.itl_p99_s:.3f}s)"
         )
-        return LocalAutoscalerState(new, False, obs.throughput_tokens_per_s, f"decrease: {why}")
+        return LocalAutoscalerState(
+            new, False, obs.throughput_tokens_per_s, f"decrease: {why}", config.decrease_cooldown_steps
+        )
     binding = obs.in_flight >= config.binding_fraction * state.limit
     if not binding:
-        return replace(state, reason="hold: limit not reached by demand")
+        return replace(state, cooldown=cooldown, reason="hold: limit not reached by demand")
     if worst >= config.slo_headroom:
-        return replace(state, last_throughput=obs.throughput_tokens_per_s, reason="hold: latency near slo")
+        return replace(
+            state,
+            last_throughput=obs.throughput_tokens_per_s,
+            cooldown=cooldown,
+            reason="hold: latency near slo",
+        )
     rising = obs.throughput_tokens_per_s > state.last_throughput * (1.0 + config.min_gain)
     if rising:
         grown = state.limit * 2 if state.slow_start else state.limit + config.additive_step
@@ -122,6 +137,7 @@ def next_limit(
             state.slow_start,
             obs.throughput_tokens_per_s,
             "increase: throughput still rising" + (" (slow start)" if state.slow_start else ""),
+            cooldown,
         )
     if worst < config.probe_below:
         # Flat throughput at a binding limit can mean the demand is flat, not the instance
@@ -132,7 +148,8 @@ def next_limit(
             False,
             obs.throughput_tokens_per_s,
             "increase: probing, latency far below slo",
+            cooldown,
         )
     return LocalAutoscalerState(
-        state.limit, False, obs.throughput_tokens_per_s, "hold: throughput stopped rising"
+        state.limit, False, obs.throughput_tokens_per_s, "hold: throughput stopped rising", cooldown
     )

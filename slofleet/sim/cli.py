@@ -56,8 +56,19 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default=0.0,
         help="skip the capacity probe: one instance's req/s within the SLO",
     )
-    parser.add_argument("--hpa-metric", choices=("kv", "running"), default="kv")
-    parser.add_argument("--hpa-target", type=float, default=0.7)
+    parser.add_argument(
+        "--concurrency",
+        type=float,
+        default=0.0,
+        help="with --capacity-rps: requests in flight per instance at that rate",
+    )
+    parser.add_argument("--hpa-metric", choices=("kv", "running"), default="running")
+    parser.add_argument(
+        "--hpa-target",
+        type=float,
+        default=0.0,
+        help="0: 0.8 x the concurrency at capacity (running) or 0.7 (kv)",
+    )
     parser.add_argument("--keda-target", type=float, default=10.0, help="waiting requests per replica")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="write results.json and PNG plots here")
@@ -84,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     from slofleet.calibration import load_calibration
     from slofleet.sim import experiment, report
     from slofleet.sim.simulator import SloSpec
-    from slofleet.sim.sizing import instance_capacity_rps
+    from slofleet.sim.sizing import instance_capacity
     from slofleet.sim.traces import load_trace, shape
     from slofleet.sim.workload import make_batch_jobs
 
@@ -106,7 +117,9 @@ def run(args: argparse.Namespace) -> int:
     base = shape(
         raw, start_s=args.start, duration_s=args.duration, time_scale=args.time_scale, seed=args.seed
     )
-    capacity = args.capacity_rps or instance_capacity_rps(base, cal, slo, seed=args.seed)
+    capacity, concurrency = args.capacity_rps, args.concurrency
+    if not capacity or not concurrency:
+        capacity, concurrency = instance_capacity(base, cal, slo, seed=args.seed)
     load_scale = args.load_scale
     if args.peak_instances:
         load_scale = args.peak_instances * capacity / float(base.per_minute_rate().max())
@@ -120,6 +133,7 @@ def run(args: argparse.Namespace) -> int:
     )  # fmt: skip
     exp = experiment.Experiment(
         trace=trace, jobs=jobs, calibration=cal, slo=slo, capacity_rps=capacity,
+        concurrency_at_capacity=concurrency,
         static_replicas=args.static_replicas, max_replicas=args.max_replicas,
         hpa_metric=args.hpa_metric, hpa_target=args.hpa_target, keda_target=args.keda_target,
     )  # fmt: skip

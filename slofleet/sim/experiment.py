@@ -28,8 +28,9 @@ from slofleet.policies.global_autoscaler import (
     ChironConfig,
     PoolBounds,
 )
+from slofleet.policies.local_autoscaler import LocalAutoscalerConfig
 from slofleet.sim.simulator import SimConfig, SimResult, Simulator, SloSpec
-from slofleet.sim.sizing import PeakEstimate, instance_capacity_rps, peak_instances
+from slofleet.sim.sizing import PeakEstimate, instance_capacity, peak_instances
 from slofleet.sim.traces import Trace
 from slofleet.sim.workload import BatchJob
 
@@ -43,17 +44,25 @@ class Experiment:
     calibration: EngineCalibration
     slo: SloSpec = field(default_factory=SloSpec)
     capacity_rps: float = 0.0
+    # requests in flight per instance at capacity (0: measured with the capacity)
+    concurrency_at_capacity: float = 0.0
     static_replicas: int = 0
     max_replicas: int = 0
-    hpa_metric: str = "kv"
-    hpa_target: float = 0.7
+    hpa_metric: str = "running"
+    # 0: 0.8 x the measured concurrency at capacity (running) or 0.7 (kv)
+    hpa_target: float = 0.0
     keda_target: float = 10.0
     chiron: ChironConfig = field(default_factory=ChironConfig)
+    local_autoscaler: LocalAutoscalerConfig | None = None
+    local_window_s: float = 5.0
 
 
 def size(exp: Experiment) -> PeakEstimate:
-    cap = exp.capacity_rps or instance_capacity_rps(exp.trace, exp.calibration, exp.slo)
-    return peak_instances(exp.trace, exp.jobs, cap)
+    """Capacity of one instance (probed unless given) and the peak instance count."""
+    cap, conc = exp.capacity_rps, exp.concurrency_at_capacity
+    if not cap or not conc:
+        cap, conc = instance_capacity(exp.trace, exp.calibration, exp.slo)
+    return peak_instances(exp.trace, exp.jobs, cap, conc)
 
 
 def build_policy(name: str, exp: Experiment, peak: PeakEstimate) -> Autoscaler:
@@ -64,7 +73,10 @@ def build_policy(name: str, exp: Experiment, peak: PeakEstimate) -> Autoscaler:
     if name == "static-peak":
         return StaticAutoscaler(static_n)
     if name == "hpa-utilization":
-        return UtilizationAutoscaler(exp.hpa_metric, exp.hpa_target, hpa)
+        target = exp.hpa_target or (
+            0.8 * peak.concurrency_at_capacity if exp.hpa_metric == "running" else 0.7
+        )
+        return UtilizationAutoscaler(exp.hpa_metric, max(target, 1e-3), hpa)
     if name == "keda-queue":
         return QueueLengthAutoscaler(exp.keda_target, hpa)
     if name == "llumnix-freeness":
@@ -107,7 +119,11 @@ def run(
     for name in names:
         policy = build_policy(name, exp, peak)
         cfg = SimConfig(
-            calibration=exp.calibration, slo=exp.slo, initial_replicas=initial_replicas(policy, exp, peak)
+            calibration=exp.calibration,
+            slo=exp.slo,
+            initial_replicas=initial_replicas(policy, exp, peak),
+            local_autoscaler=exp.local_autoscaler,
+            local_window_s=exp.local_window_s,
         )
         t0 = time.perf_counter()
         result = Simulator(exp.trace, exp.jobs, policy, cfg).run()

@@ -29,7 +29,7 @@ import heapq
 import math
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -80,10 +80,15 @@ class SimConfig:
     initial_replicas: dict[Pool, int] = field(default_factory=lambda: {Pool.MIXED: 1})
     control_interval_s: float = 5.0
     local_interval_s: float = 1.0
+    # latency percentiles fed to the local autoscaler cover this much recent time
+    local_window_s: float = 5.0
     sample_interval_s: float = 10.0
     attainment_window_s: float = 60.0
     local_autoscaler: LocalAutoscalerConfig | None = None
     dispatch: DispatchFn = gateway_dispatch
+    # Pass only the k best instances by freeness to `dispatch` (0: all). Exact for the freeness
+    # policy and O(k) instead of O(fleet) snapshots and scores per request.
+    dispatch_prefilter: int = 4
     # Without a local autoscaler the gateway forwards up to this many times max_num_seqs to an
     # instance and the engine queues the rest (vLLM accepts everything; this only bounds memory).
     unmanaged_limit_factor: int = 4
@@ -160,21 +165,24 @@ class Inst:
         self.sum_s0 = 0.0
         self.version = 0
         self.n_batch = 0
+        # requests assigned here (running + prefilling + engine-queued), kept as a counter
+        # because dispatch reads it for every instance on every request
+        self.in_flight = 0
         self.tokens = 0.0
         self.gen_tokens = 0.0
         self.preemptions = 0
         self.win_ttft: list[float] = []
         self.win_itl: list[float] = []
+        # latencies of the last few local intervals: the sidecar reads vLLM's histograms over a
+        # sliding window, so one slow second does not make the whole signal
+        self.hist_ttft: deque[list[float]] = deque()
+        self.hist_itl: deque[list[float]] = deque()
         self.last_tokens = 0.0
         self.last_gen = 0.0
         self.last_preemptions = 0
         self.snapshot: InstanceLoad | None = None
 
     # ---- state -------------------------------------------------------------------------------
-    @property
-    def in_flight(self) -> int:
-        return len(self.run) + (1 if self.pf is not None else 0) + len(self.eq_i) + len(self.eq_b)
-
     def kv_used(self) -> float:
         return self.sum_ctx0 + len(self.run) * self.steps - self.sum_s0 + self.pf_ctx
 
@@ -208,6 +216,22 @@ class Inst:
                 freeness=fr,
             )
         return self.snapshot
+
+    def full_load(self) -> InstanceLoad:
+        """`load()` with Llumnix freeness over the requests here (the head of the engine queue
+        counts), as the sidecar reports it to the control loop; built only at control ticks
+        because it walks every request."""
+        base = self.load()
+        ordered = [*self.run.values(), *([self.pf] if self.pf is not None else []), *self.eq_i, *self.eq_b]
+        fr = compute_freeness(
+            total_blocks=base.kv_total_blocks,
+            used_blocks=base.kv_total_blocks - base.kv_free_blocks,
+            running_requests=base.running_requests,
+            block_size_tokens=base.block_size_tokens,
+            requests=[r.info() for r in ordered],
+            draining=self.draining,
+        ).freeness
+        return replace(base, freeness=fr)
 
     # ---- time ------------------------------------------------------------------------------
     def advance(self, t: float) -> None:
@@ -332,6 +356,7 @@ class Inst:
         self.advance(t)
         r.inst = self
         r.admit_t = t
+        self.in_flight += 1
         if r.cls == BATCH:
             self.eq_b.append(r)
             self.n_batch += 1
@@ -354,6 +379,7 @@ class Inst:
             (self.eq_b if r.cls == BATCH else self.eq_i).remove(r)
         if r.cls == BATCH:
             self.n_batch -= 1
+        self.in_flight -= 1
         r.inst = None
         r.evictions += 1
         self.try_start()
@@ -386,6 +412,7 @@ class SimResult:
     preemptions: int
     peak_replicas: int
     samples: dict[str, list[float]]
+    mean_e2e_s: float = 0.0
     wall_s: float = 0.0
 
     @property
@@ -416,11 +443,13 @@ class Simulator:
         self.giq: deque[Req] = deque()
         self.gbq: list[tuple[float, int, Req]] = []
         self.gen_rate: dict[int, float] = {}
+        self.local_window_ticks = max(1, round(config.local_window_s / config.local_interval_s))
         self.interactive_pools = {Pool.INTERACTIVE, Pool.MIXED}
         self.batch_pools = {Pool.BATCH, Pool.MIXED}
         # results
         self.ttft: list[float] = []
         self.itl: list[float] = []
+        self.e2e_sum = 0.0
         self.int_met = 0
         self.int_total = 0
         self.batch_total = sum(len(j) for j in self.jobs)
@@ -473,17 +502,38 @@ class Simulator:
         self.live.remove(inst)
 
     # ---- gateway -----------------------------------------------------------------------------
-    def _candidates(self, cls: int) -> list[InstanceLoad]:
+    def _candidates(self, r: Req) -> list[InstanceLoad]:
+        """Loads of the instances that may take `r`; with `dispatch_prefilter` = k > 0 only the k
+        best by Llumnix freeness after placement (ties kept), the quantity the gateway's freeness
+        dispatch maximizes, computed here without building every snapshot (exactness is tested
+        against `dispatch.choose` over all instances)."""
+        cls = r.cls
         pools = self.interactive_pools if cls == INTERACTIVE else self.batch_pools
         reserve = 0 if cls == INTERACTIVE else _DISPATCH_PARAMS.batch_reserve_slots
-        return [
-            i.load()
+        insts = [
+            i
             for i in self.live
             if i.ready and not i.draining and i.pool in pools and i.in_flight < i.limit - reserve
         ]
+        k = self.cfg.dispatch_prefilter
+        if k and len(insts) > k:
+            bs = self.cal.block_size_tokens
+            total = self.cal.kv_capacity_tokens // bs
+            demand = -(-(r.prompt + r.output) // bs)
+            scored = sorted(
+                (
+                    (total - min(total, math.ceil(i.kv_used() / bs)) - demand) / (i.in_flight + 1),
+                    i.iid,
+                    i,
+                )
+                for i in insts
+            )
+            cut = scored[-k][0]
+            insts = [i for score, _, i in scored if score >= cut]
+        return [i.load() for i in insts]
 
     def _dispatch(self, r: Req, t: float) -> bool:
-        cands = self._candidates(r.cls)
+        cands = self._candidates(r)
         if not cands:
             return False
         chosen = self.cfg.dispatch(cands, r.info())
@@ -573,6 +623,7 @@ class Simulator:
                 self.giq.append(r)
 
     def complete(self, r: Req, inst: Inst, t: float) -> None:
+        inst.in_flight -= 1
         if r.cls == BATCH:
             inst.n_batch -= 1
             self.batch_in_flight -= 1
@@ -589,6 +640,7 @@ class Simulator:
         met = ttft <= self.cfg.slo.ttft_s and itl <= self.cfg.slo.itl_s
         self.ttft.append(ttft)
         self.itl.append(itl)
+        self.e2e_sum += t - r.arrival
         self.int_total += 1
         self.int_met += met
         self.window.append((t, int(met)))
@@ -598,7 +650,8 @@ class Simulator:
         if inst.draining and inst.in_flight == 0:
             self.stop(inst, t)
             return
-        if (self.giq or self.gbq) and inst.ready and not inst.draining:
+        # Only this instance changed: queued work can move only if it has room now.
+        if (self.giq or self.gbq) and inst.ready and not inst.draining and inst.in_flight < inst.limit:
             self.release(t)
 
     # ---- control -----------------------------------------------------------------------------
@@ -617,11 +670,19 @@ class Simulator:
                 inst.gen_tokens,
                 inst.preemptions,
             )
+            inst.hist_ttft.append(inst.win_ttft)
+            inst.hist_itl.append(inst.win_itl)
+            while len(inst.hist_ttft) > self.local_window_ticks:
+                inst.hist_ttft.popleft()
+                inst.hist_itl.popleft()
+            inst.win_ttft, inst.win_itl = [], []
             if inst.local_state is not None:
                 latency_bound = inst.pool != Pool.BATCH
+                ttfts = [x for w in inst.hist_ttft for x in w] if latency_bound else []
+                itls = [x for w in inst.hist_itl for x in w] if latency_bound else []
                 obs = LocalObservation(
-                    ttft_p99_s=_p99(inst.win_ttft) if latency_bound else 0.0,
-                    itl_p99_s=_p99(inst.win_itl) if latency_bound else 0.0,
+                    ttft_p99_s=_p99(ttfts),
+                    itl_p99_s=_p99(itls),
                     throughput_tokens_per_s=tok,
                     in_flight=inst.in_flight,
                     kv_usage_fraction=inst.kv_used() / self.cal.kv_capacity_tokens,
@@ -629,8 +690,6 @@ class Simulator:
                 )
                 inst.local_state = next_limit(inst.local_state, obs, cfg)
                 inst.limit = inst.local_state.limit
-            inst.win_ttft.clear()
-            inst.win_itl.clear()
             inst.plan()
         if self.giq or self.gbq:
             self.release(t)
@@ -666,7 +725,7 @@ class Simulator:
         return FleetObservation(
             now_s=t,
             replicas=self.replicas(),
-            loads=tuple(i.load() for i in self.live if i.ready),
+            loads=tuple(i.full_load() for i in self.live if i.ready),
             interactive_in_flight=self.int_in_flight,
             interactive_queued=len(self.giq),
             batch_in_flight=self.batch_in_flight,
@@ -837,6 +896,7 @@ class Simulator:
                 max((sum(v) for v in zip(*(self.samples[p.value] for p in Pool), strict=True)), default=0)
             ),
             samples=self.samples,
+            mean_e2e_s=self.e2e_sum / self.int_total if self.int_total else 0.0,
         )
 
 

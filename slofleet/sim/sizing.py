@@ -42,12 +42,31 @@ def instance_capacity_rps(
 ) -> float:
     """Highest Poisson arrival rate (req/s, the trace's length mix) that one instance serves with
     interactive SLO attainment >= `attainment` (bisection, 12 probes)."""
+    return instance_capacity(
+        trace, calibration, slo, attainment=attainment, duration_s=duration_s, seed=seed
+    )[0]
+
+
+def instance_capacity(
+    trace: Trace,
+    calibration: EngineCalibration,
+    slo: SloSpec,
+    *,
+    attainment: float = 0.99,
+    duration_s: float = 300.0,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """(capacity in req/s, mean requests in flight at that rate): see `instance_capacity_rps`.
+    The concurrency (Little's law over the probe's latencies) is what a utilization autoscaler's
+    per-instance target of running requests should be derived from."""
     lo, hi = 0.0, 1.0
     cfg = SimConfig(calibration=calibration, slo=slo, initial_replicas={Pool.MIXED: 1})
+    concurrency = {0.0: 0.0}
 
     def ok(rate: float) -> bool:
         t = poisson_like(trace, rate, duration_s, seed)
         res = Simulator(t, (), StaticAutoscaler(1), cfg).run()
+        concurrency[rate] = rate * res.mean_e2e_s
         return res.interactive_attainment >= attainment
 
     while ok(hi) and hi < 1e4:
@@ -58,7 +77,7 @@ def instance_capacity_rps(
             lo = mid
         else:
             hi = mid
-    return lo
+    return lo, concurrency[lo]
 
 
 @dataclass(frozen=True)
@@ -67,16 +86,20 @@ class PeakEstimate:
     interactive_peak_rps: float
     batch_rps: float
     instances: int
+    concurrency_at_capacity: float = 0.0
 
     def describe(self) -> str:
         return (
-            f"one instance carries {self.capacity_rps:.2f} req/s within the SLO; peak minute "
+            f"one instance carries {self.capacity_rps:.2f} req/s within the SLO "
+            f"({self.concurrency_at_capacity:.0f} in flight); peak minute "
             f"{self.interactive_peak_rps:.1f} req/s interactive + {self.batch_rps:.1f} req/s batch "
             f"(spread over its deadlines) -> {self.instances} instances"
         )
 
 
-def peak_instances(trace: Trace, jobs: list[BatchJob], capacity_rps: float) -> PeakEstimate:
+def peak_instances(
+    trace: Trace, jobs: list[BatchJob], capacity_rps: float, concurrency: float = 0.0
+) -> PeakEstimate:
     """Instances for the busiest minute of interactive traffic plus batch work spread evenly
     over each job's window (what a capacity planner provisioning for the peak would buy)."""
     peak = float(trace.per_minute_rate().max()) if len(trace) else 0.0
@@ -88,4 +111,4 @@ def peak_instances(trace: Trace, jobs: list[BatchJob], capacity_rps: float) -> P
         default=0.0,
     )
     n = max(1, math.ceil((peak + batch) / capacity_rps)) if capacity_rps > 0 else 1
-    return PeakEstimate(capacity_rps, peak, batch, n)
+    return PeakEstimate(capacity_rps, peak, batch, n, concurrency)
