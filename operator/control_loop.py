@@ -126,7 +126,7 @@ class SidecarClient:
         """Stop the instance taking requests and wait (bounded) until it is empty."""
         try:
             resp = await self._stub(address).Drain(
-                sidecar_pb2.DrainRequest(drain=True, timeout_seconds=timeout_seconds),
+                sidecar_pb2.DrainRequest(timeout_seconds=timeout_seconds),
                 metadata=self._metadata,
                 timeout=timeout_seconds + 5.0,
             )
