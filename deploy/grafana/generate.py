@@ -115,7 +115,6 @@ NO_MEMORY_ACTION = (
     "no drop/restore/standby command is issued during the replay (the memory planner is not in "
     "the control loop yet); the Memory gRPC service's tests drive the commands directly."
 )
-NO_FAILURE = "no request is moved to another instance unless an instance dies or migrates."
 
 SERVICE = Dashboard(
     uid="slofleet-service",
@@ -301,10 +300,12 @@ ACTIONS = Dashboard(
             may_be_empty=NO_MIGRATION,
         ),
         Panel(
-            "Gateway resumes by reason",
-            (q(rated("slofleet_gateway_resumes_total", "reason"), "{{reason}}"),),
-            unit="ops",
-            may_be_empty=NO_FAILURE,
+            "Gateway resumes by reason (since gateway start)",
+            # The raw counter, not rate(): the gateway creates a reason's series at its first resume,
+            # so rate() would never see that first increase.
+            (q(f"sum by (reason) (slofleet_gateway_resumes_total{{{SEL}}})", "{{reason}}"),),
+            description="instance_lost: its engine died and the stream went on elsewhere (the "
+            "snapshot replay kills one engine to show it); move: a migration.",
         ),
         Panel(
             "Layer drop / restore duration",

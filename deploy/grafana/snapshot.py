@@ -260,9 +260,15 @@ def targets_of(fleet: Fleet) -> list[Target]:
 
 
 @contextlib.contextmanager
-def live_fleet(workdir: Path, duration: float = 30.0, ready_timeout: float = 600.0) -> Iterator[Live]:
-    """Fleet up, Prometheus scraping it, one replay of `duration` seconds done; everything stopped
-    on exit (the fleet by SIGINT, as a user would)."""
+def live_fleet(
+    workdir: Path,
+    duration: float = 30.0,
+    ready_timeout: float = 600.0,
+    kill_engine_after: float | None = 12.0,
+) -> Iterator[Live]:
+    """Fleet up, Prometheus scraping it, one replay of `duration` seconds done (with one engine
+    killed `kill_engine_after` seconds in); everything stopped on exit (the fleet by SIGINT, as a
+    user would)."""
     fleet = Fleet(workdir)
     prometheus: Prometheus | None = None
     try:
@@ -272,15 +278,25 @@ def live_fleet(workdir: Path, duration: float = 30.0, ready_timeout: float = 600
         prometheus.wait_targets_up(len(targets))
         time.sleep(3.0)  # a few idle scrapes before the load
         start = time.time()
-        replay = subprocess.run(
+        replay = subprocess.Popen(
             [sys.executable, "-m", "slofleet.cli", "replay", "--state-dir", str(fleet.state_dir),
              "--out", str(workdir / "replay"), "--duration", f"{duration:g}", *REPLAY],
-            capture_output=True, text=True, timeout=duration * 20 + 120,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )  # fmt: skip
+        if kill_engine_after is not None:
+            # An instance failure is the one action a local fleet takes on its own: the gateway
+            # resumes the victim's streams elsewhere and the control loop replaces it.
+            time.sleep(kill_engine_after)
+            victim = fleet.state()["instances"][0]  # type: ignore[index]
+            os.killpg(int(victim["engine_pid"]), signal.SIGKILL)
+        output, _ = replay.communicate(timeout=duration * 20 + 120)
         time.sleep(12.0)  # rate windows reach past the end, and the 30 s recording group runs
         end = time.time()
-        expositions = {t.url: http_get(t.url) for t in targets}
-        yield Live(prometheus, fleet, start, end, replay.stdout + replay.stderr, expositions)
+        expositions = {}
+        for t in targets:
+            with contextlib.suppress(OSError):  # the killed instance's sidecar is gone
+                expositions[t.url] = http_get(t.url)
+        yield Live(prometheus, fleet, start, end, output, expositions)
     finally:
         if prometheus is not None:
             prometheus.stop()
@@ -339,7 +355,7 @@ def plot(live: Live, out_dir: Path) -> list[Path]:
         fig.suptitle(
             f"{d.title} — local fleet ({SERVICE}: 2 x vLLM CPU, generated:tiny), replay of azure-conv"
         )
-        fig.tight_layout()
+        fig.tight_layout(rect=(0.0, 0.0, 1.0, 0.97))
         path = out_dir / f"dashboard-{d.uid.removeprefix('slofleet-')}.png"
         fig.savefig(path, dpi=80)
         plt.close(fig)
