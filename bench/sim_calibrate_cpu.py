@@ -18,7 +18,11 @@ from pathlib import Path
 
 from slofleet.sim.calibrate import measure_server
 from slofleet.tinymodel import ensure_tiny_model
-from tests.enginectl import start_vllm
+
+# tests/ is not a package on sys.path (and the repo root must not be: `operator/` would shadow
+# the stdlib module), so import the shared launcher from its folder, as the other benches do.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from enginectl import start_vllm
 
 
 def main(argv: list[str]) -> int:

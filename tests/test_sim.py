@@ -89,8 +89,9 @@ def test_shaping_slices_scales_and_is_seeded() -> None:
 
 
 def test_builtin_calibration_states_its_source() -> None:
-    assert "llama3-8b-h100" in builtin_names()
+    assert {"llama3-8b-h100", "tiny-cpu"} <= set(builtin_names())
     assert "ESTIMATE" in CAL.source
+    assert "MEASURED" in load_calibration("tiny-cpu").source
     # roofline: batch-1 decode is bound by reading the weights, big batches by compute
     assert CAL.step_s(1, 0) == pytest.approx(CAL.overhead_s + CAL.weight_read_s)
     assert CAL.step_s(2048, 0) > CAL.step_s(64, 0) > 0

@@ -4,11 +4,14 @@ Why this form: an iteration of a continuous-batching engine (vLLM with chunked p
 T = (running decodes + prefill chunk) tokens and reads every weight once plus the KV of every
 context token. Its time is therefore about
 
-    step(T, ctx) = overhead + max(weight_read_s, T * per_token_compute_s) + ctx * per_ctx_token_s
+    step(T, ctx, n) = overhead + max(weight_read_s, T * per_token_compute_s) + ctx * per_ctx_token_s
+                      + n * per_seq_s
 
 (the roofline: small batches are bound by reading the weights, big ones by compute; attention
-reads grow with the total context). Four numbers, each measurable (batch-1 step, large-batch slope,
-context slope, prefill per token), describe an engine well enough to size a fleet, and the same
+reads grow with the total context; `per_seq_s` is per-running-sequence host work, sampling and
+detokenizing, which dominates a tiny model on a CPU and is negligible for an 8B model on a GPU).
+Five numbers, each measurable (batch-1 step, prefill per token, decode slope per sequence, context
+slope, overhead), describe an engine well enough to size a fleet, and the same
 formula serves an H100 and the local CPU build. Calibrations are JSON files under
 `slofleet/data/calibration/` carrying their `source`, so every simulated number can be traced to
 where its inputs came from.
@@ -34,6 +37,7 @@ class EngineCalibration:
     weight_read_s: float
     per_token_compute_s: float
     per_ctx_token_s: float
+    per_seq_s: float
     kv_capacity_tokens: int
     block_size_tokens: int
     max_num_seqs: int
@@ -52,12 +56,14 @@ class EngineCalibration:
                 "must be > 0"
             )
 
-    def step_s(self, tokens: float, ctx_tokens: float) -> float:
-        """Time of one engine iteration over `tokens` new tokens with `ctx_tokens` of KV read."""
+    def step_s(self, tokens: float, ctx_tokens: float, seqs: float = 0.0) -> float:
+        """Time of one engine iteration over `tokens` new tokens with `ctx_tokens` of KV read and
+        `seqs` running sequences."""
         return (
             self.overhead_s
             + max(self.weight_read_s, tokens * self.per_token_compute_s)
             + ctx_tokens * self.per_ctx_token_s
+            + seqs * self.per_seq_s
         )
 
     def to_json(self) -> str:

@@ -3,8 +3,9 @@
 Why from the outside: the simulator needs four numbers (see `slofleet.calibration`), and every one
 of them shows up in request timings the public API gives: a 1-token completion is a prefill (its
 time grows with the prompt: per-token compute), B concurrent decodes of short prompts give the step
-time at batch B (intercept: the weight read; slope: per-token compute at decode), and the same with
-long prompts adds the context term. KV capacity comes from `vllm:cache_config_info` on /metrics.
+time at batch B (intercept: the weight read; slope: per-token compute plus per-sequence host work),
+and the same with long prompts adds the context term. KV capacity comes from
+`vllm:cache_config_info` on /metrics.
 Standard library only (urllib + threads), so the core package stays free of HTTP frameworks.
 """
 
@@ -123,8 +124,10 @@ def measure_server(
         ),
         overhead_s=overhead,
         weight_read_s=max(0.0, float(d_intercept) - overhead),
-        per_token_compute_s=max(float(slope), float(d_slope), 1e-9),
+        # prefill's slope is compute per token; the decode slope beyond it is per-sequence host work
+        per_token_compute_s=max(float(slope), 1e-9),
         per_ctx_token_s=per_ctx,
+        per_seq_s=max(0.0, float(d_slope) - float(slope)),
         kv_capacity_tokens=int(blocks.group(1)) * block_size,
         block_size_tokens=block_size,
         max_num_seqs=256,

@@ -265,7 +265,7 @@ class Inst:
         else:
             self.chunk = 0.0
         ctx = self.sum_ctx0 + n * self.steps - self.sum_s0
-        self.dt = cal.step_s(n + self.chunk, ctx)
+        self.dt = cal.step_s(n + self.chunk, ctx, n)
         best = math.inf
         if self.pf is not None:
             best = max(1.0, math.floor(self.pf_left / self.chunk + _EPS))
