@@ -183,6 +183,7 @@ class MigrationService(pb_grpc.MigrationServicer):
                             request_id=req.request_id,
                             layout_json=json.dumps(layout.to_json()),
                             max_blocks=max_blocks,
+                            current_blocks=math.ceil(info["num_tokens"] / layout.block_size),
                         ),
                         timeout=10,
                     )
@@ -264,8 +265,9 @@ class MigrationService(pb_grpc.MigrationServicer):
                     await self.control.call("disarm", request_id=req.request_id, seconds=5.0)
             if resolution is not None:
                 if outcome == Outcome.MIGRATION_OUTCOME_RECOMPUTE:
+                    # The destination may be what failed: the gateway picks where to recompute.
                     resolution.state = pb.ResolveMigrationReply.STATE_RESUME_BY_RECOMPUTE
-                    resolution.target_instance = req.target_instance
+                    resolution.target_instance = ""
                 resolution.done.set()
             with contextlib.suppress(grpc.aio.AioRpcError):
                 await peer.AbortMigration(pb.AbortMigrationRequest(migration_id=mid), timeout=5)
@@ -367,6 +369,16 @@ class MigrationService(pb_grpc.MigrationServicer):
         if request.max_blocks <= 0 or not request.migration_id:
             return pb.AcceptMigrationReply(
                 accepted=False, reason="migration_id and max_blocks > 0 are required"
+            )
+        try:
+            cap = await self.control.call("capacity", seconds=10.0)
+        except EngineLinkError as e:
+            return pb.AcceptMigrationReply(accepted=False, reason=f"destination engine: {e}")
+        if cap["free_blocks"] < request.current_blocks + 1:
+            return pb.AcceptMigrationReply(
+                accepted=False,
+                reason=f"destination out of KV blocks: {cap['free_blocks']} free, "
+                f"{request.current_blocks + 1} needed",
             )
         need = request.max_blocks * mine.block_bytes
         in_use = sum(i.bytes_reserved for i in self._inbound.values())

@@ -445,6 +445,10 @@ class SlofleetMigrationConnector(KVConnectorBase_V1):
             return {"layout": self._layout.to_json()}
         if op == "stats":
             return {"stats": dict(self.stats)}
+        if op == "capacity":
+            assert self._kv_cache_manager is not None
+            pool = self._kv_cache_manager.block_pool
+            return {"free_blocks": pool.get_num_free_blocks(), "total_blocks": pool.num_gpu_blocks}
         wanted = str(cmd.get("request_id", ""))
         timeout = float(cmd.get("timeout", 30.0))
         if op == "info":
@@ -499,7 +503,9 @@ class SlofleetMigrationConnector(KVConnectorBase_V1):
             if not export.done.wait(max(0.0, deadline - time.monotonic())):
                 return {"error": "final copy not done in time", "state": "timeout"}
             return export.result or {"error": "no result", "state": "unknown"}
-        return {"error": f"unknown op {op!r}; expected layout, stats, info, export, arm, disarm, final"}
+        return {
+            "error": f"unknown op {op!r}; expected layout, stats, capacity, info, export, arm, disarm, final"
+        }
 
     def shutdown(self) -> None:
         if self._server is not None:
@@ -516,9 +522,10 @@ def _layout_from_config(kv_cache_config: KVCacheConfig, block_size: int) -> seg.
     heads = int(spec.num_kv_heads)  # type: ignore[attr-defined]
     head_size = int(spec.head_size)  # type: ignore[attr-defined]
     dtype = spec.dtype  # type: ignore[attr-defined]
-    # The CPU backend's per-layer tensor is (blocks, 2, block_size, heads * head_size); GPU backends
-    # differ, and register_kv_caches checks this against the real tensors.
-    shape = (2, block_size, heads * head_size)
+    # The CPU backend's layout is LBHNC: per layer (blocks, kv heads, block_size, K|V channels).
+    # GPU backends differ; register_kv_caches checks this against the real tensors and refuses
+    # to start on a layout whose first dimension is not the block.
+    shape = (heads, block_size, 2 * head_size)
     nbytes = 2 * block_size * heads * head_size * torch.empty((), dtype=dtype).element_size()
     return seg.KVLayout(block_size, str(dtype), tuple(groups[0].layer_names), shape, nbytes)
 

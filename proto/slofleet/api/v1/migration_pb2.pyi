@@ -157,12 +157,15 @@ class AcceptMigrationRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     LAYOUT_JSON_FIELD_NUMBER: _builtins.int
     MAX_BLOCKS_FIELD_NUMBER: _builtins.int
+    CURRENT_BLOCKS_FIELD_NUMBER: _builtins.int
     migration_id: _builtins.str
     request_id: _builtins.str
     layout_json: _builtins.str
     """the source's KV layout (block size, dtype, layers, block shape)"""
     max_blocks: _builtins.int
     """the most blocks the request can reach"""
+    current_blocks: _builtins.int
+    """blocks it holds now: the destination's engine must have them free"""
     def __init__(
         self,
         *,
@@ -170,10 +173,11 @@ class AcceptMigrationRequest(_message.Message):
         request_id: _builtins.str = ...,
         layout_json: _builtins.str = ...,
         max_blocks: _builtins.int = ...,
+        current_blocks: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["layout_json", b"layout_json", "max_blocks", b"max_blocks", "migration_id", b"migration_id", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["current_blocks", b"current_blocks", "layout_json", b"layout_json", "max_blocks", b"max_blocks", "migration_id", b"migration_id", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -376,7 +380,7 @@ class ResolveMigrationReply(_message.Message):
         STATE_RESUME_WITH_KV: ResolveMigrationReply._State.ValueType  # 2
         """resume on target_instance with kv_transfer_params_json"""
         STATE_RESUME_BY_RECOMPUTE: ResolveMigrationReply._State.ValueType  # 3
-        """resume (on target_instance if set) without KV"""
+        """resume without KV on an instance the gateway picks"""
 
     class State(_State, metaclass=_StateEnumTypeWrapper): ...
     STATE_UNSPECIFIED: ResolveMigrationReply.State.ValueType  # 0
@@ -385,7 +389,7 @@ class ResolveMigrationReply(_message.Message):
     STATE_RESUME_WITH_KV: ResolveMigrationReply.State.ValueType  # 2
     """resume on target_instance with kv_transfer_params_json"""
     STATE_RESUME_BY_RECOMPUTE: ResolveMigrationReply.State.ValueType  # 3
-    """resume (on target_instance if set) without KV"""
+    """resume without KV on an instance the gateway picks"""
 
     STATE_FIELD_NUMBER: _builtins.int
     TARGET_INSTANCE_FIELD_NUMBER: _builtins.int
