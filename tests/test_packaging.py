@@ -34,7 +34,7 @@ def test_every_package_folder_is_listed() -> None:
     listed = {_folder_of(p, cfg["package-dir"]).resolve() for p in cfg["packages"]}
     for root in set(cfg["package-dir"].values()):
         for init in (ROOT / root).rglob("__init__.py"):
-            assert init.parent.resolve() in listed, f"{init.parent} is a package but not in pyproject packages"
+            assert init.parent.resolve() in listed, f"{init.parent} is a package missing from pyproject"
 
 
 def test_no_top_level_name_shadows_the_stdlib() -> None:
