@@ -158,7 +158,7 @@ class Controllers:
         async def loop() -> None:
             while True:
                 await self.sync_once()
-                await asyncio.sleep(0.05)
+                await asyncio.sleep(0.1)
 
         task = asyncio.create_task(loop())
         try:
