@@ -114,7 +114,7 @@ def _messages(body: Mapping[str, Any], prefix: str) -> str:
         if not isinstance(m, dict):
             raise invalid(where, "must be an object with role and content")
         role = m.get("role")
-        if role not in CHAT_ROLES:
+        if not isinstance(role, str) or role not in CHAT_ROLES:
             raise invalid(
                 f"{where}.role", f"must be one of {sorted(CHAT_ROLES)}, got {json.dumps(role)[:40]}"
             )
