@@ -43,7 +43,10 @@ def operator(cluster: Cluster) -> Iterator[subprocess.Popen[bytes]]:
     args = [sys.executable, "-m", "slofleet.cli", "operator", "-n", cluster.namespace, "--liveness", ""]
     if cluster.kubeconfig:
         args += ["--kubeconfig", cluster.kubeconfig]
-    proc = subprocess.Popen(args, start_new_session=True, env=dict(os.environ))
+    # The operator keeps its sidecar-token key in its own namespace (operator/tokens.py); run here,
+    # that is the test's namespace (slofleet-system may not exist on this cluster).
+    env = dict(os.environ, POD_NAMESPACE=cluster.namespace)
+    proc = subprocess.Popen(args, start_new_session=True, env=env)
     try:
         yield proc
     finally:
