@@ -210,13 +210,13 @@ def test_cli_rejects_unknown_policy(capsys: pytest.CaptureFixture[str]) -> None:
     assert "magic" in capsys.readouterr().err
 
 
-def test_dispatch_prefilter_gives_the_same_choices_as_dispatch_over_the_whole_fleet() -> None:
-    """The simulator hands `dispatch.choose` only the k freest instances; for the freeness policy
-    that must not change a single decision."""
+def test_dispatch_index_gives_the_same_choices_as_dispatch_over_the_whole_fleet() -> None:
+    """The simulator answers the freeness dispatch from its incremental index; that must not change
+    a single decision against `dispatch.choose` over every instance."""
     base = shape(load_trace("azure-conv"), start_s=900, duration_s=90, load_scale=10, seed=3)
     results = []
-    for k in (3, 0):
-        cfg = SimConfig(calibration=CAL, initial_replicas={Pool.MIXED: 8}, dispatch_prefilter=k)
+    for indexed in (True, False):
+        cfg = SimConfig(calibration=CAL, initial_replicas={Pool.MIXED: 8}, dispatch_index=indexed)
         results.append(Simulator(base, (), StaticAutoscaler(8), cfg).run())
     assert np.array_equal(results[0].ttft, results[1].ttft)
     assert np.array_equal(results[0].itl, results[1].itl)

@@ -45,6 +45,7 @@ from slofleet.policies.local_autoscaler import (
     next_limit,
 )
 from slofleet.policies.preemption import choose_preemption_instance, select_batch_evictions
+from slofleet.sim.dispatch_index import FreenessIndex
 from slofleet.sim.traces import Trace
 from slofleet.sim.workload import BatchJob
 
@@ -86,9 +87,10 @@ class SimConfig:
     attainment_window_s: float = 60.0
     local_autoscaler: LocalAutoscalerConfig | None = None
     dispatch: DispatchFn = gateway_dispatch
-    # Pass only the k best instances by freeness to `dispatch` (0: all). Exact for the freeness
-    # policy and O(k) instead of O(fleet) snapshots and scores per request.
-    dispatch_prefilter: int = 4
+    # With the gateway's freeness dispatch, answer it from an incremental index
+    # (`slofleet.sim.dispatch_index`, same decisions) instead of scoring every instance per
+    # request; False scores the whole fleet through `dispatch.choose` (the reference).
+    dispatch_index: bool = True
     # Without a local autoscaler the gateway forwards up to this many times max_num_seqs to an
     # instance and the engine queues the rest (vLLM accepts everything; this only bounds memory).
     unmanaged_limit_factor: int = 4
@@ -181,6 +183,14 @@ class Inst:
         self.last_gen = 0.0
         self.last_preemptions = 0
         self.snapshot: InstanceLoad | None = None
+        self.dirty = False
+
+    def touch(self) -> None:
+        """The state changed: drop the cached snapshot and have the dispatch index re-read it."""
+        self.snapshot = None
+        if not self.dirty:
+            self.dirty = True
+            self.sim.dirty.append(self)
 
     # ---- state -------------------------------------------------------------------------------
     def kv_used(self) -> float:
@@ -247,12 +257,12 @@ class Inst:
             self.pf_left -= d
             self.tokens += d
         self.t_last = t
-        self.snapshot = None
+        self.touch()
 
     def plan(self) -> None:
         """Schedule this instance's next event from its current (constant) rates."""
         self.version += 1
-        self.snapshot = None
+        self.touch()
         run = self.run
         heap = self.heap
         while heap and (heap[0][1] not in run or run[heap[0][1]].finish_step != heap[0][0]):
@@ -443,6 +453,9 @@ class Simulator:
         self.giq: deque[Req] = deque()
         self.gbq: list[tuple[float, int, Req]] = []
         self.gen_rate: dict[int, float] = {}
+        self.dirty: list[Inst] = []
+        self.use_index = config.dispatch_index and config.dispatch is gateway_dispatch
+        self.index = {INTERACTIVE: FreenessIndex(), BATCH: FreenessIndex()}
         self.local_window_ticks = max(1, round(config.local_window_s / config.local_interval_s))
         self.interactive_pools = {Pool.INTERACTIVE, Pool.MIXED}
         self.batch_pools = {Pool.BATCH, Pool.MIXED}
@@ -490,6 +503,7 @@ class Simulator:
             inst.local_state = LocalAutoscalerState.initial(self.local_cfg)
         self.instances.append(inst)
         self.live.append(inst)
+        inst.touch()
         if ready:
             inst.ready = True
         else:
@@ -499,40 +513,42 @@ class Simulator:
     def stop(self, inst: Inst, t: float) -> None:
         inst.stop_t = t
         inst.ready = False
+        inst.touch()
         self.live.remove(inst)
 
     # ---- gateway -----------------------------------------------------------------------------
     def _candidates(self, r: Req) -> list[InstanceLoad]:
-        """Loads of the instances that may take `r`; with `dispatch_prefilter` = k > 0 only the k
-        best by Llumnix freeness after placement (ties kept), the quantity the gateway's freeness
-        dispatch maximizes, computed here without building every snapshot (exactness is tested
-        against `dispatch.choose` over all instances)."""
-        cls = r.cls
-        pools = self.interactive_pools if cls == INTERACTIVE else self.batch_pools
-        reserve = 0 if cls == INTERACTIVE else _DISPATCH_PARAMS.batch_reserve_slots
-        insts = [
-            i
-            for i in self.live
-            if i.ready and not i.draining and i.pool in pools and i.in_flight < i.limit - reserve
-        ]
-        k = self.cfg.dispatch_prefilter
-        if k and len(insts) > k:
-            bs = self.cal.block_size_tokens
-            total = self.cal.kv_capacity_tokens // bs
-            demand = -(-(r.prompt + r.output) // bs)
-            scored = sorted(
-                (
-                    (total - min(total, math.ceil(i.kv_used() / bs)) - demand) / (i.in_flight + 1),
-                    i.iid,
-                    i,
-                )
-                for i in insts
-            )
-            cut = scored[-k][0]
-            insts = [i for score, _, i in scored if score >= cut]
-        return [i.load() for i in insts]
+        """Loads of the instances that may take `r` (the gateway's view of the fleet)."""
+        pools = self.interactive_pools if r.cls == INTERACTIVE else self.batch_pools
+        return [i.load() for i in self.live if i.ready and not i.draining and i.pool in pools]
+
+    def _reindex(self) -> None:
+        """Feed every instance changed since the last dispatch to the dispatch index."""
+        bs = self.cal.block_size_tokens
+        total = self.cal.kv_capacity_tokens // bs
+        reserve = _DISPATCH_PARAMS.batch_reserve_slots
+        idx_i, idx_b = self.index[INTERACTIVE], self.index[BATCH]
+        for i in self.dirty:
+            i.dirty = False
+            up = i.ready and not i.draining and i.stop_t < 0
+            free = total - max(min(total, math.ceil(i.kv_used() / bs)), 0)
+            n = i.in_flight
+            idx_i.update(i.idx, i.iid, free, n, up and i.pool in self.interactive_pools and n < i.limit)
+            idx_b.update(i.idx, i.iid, free, n, up and i.pool in self.batch_pools and n < i.limit - reserve)
+        self.dirty.clear()
 
     def _dispatch(self, r: Req, t: float) -> bool:
+        if self.use_index:
+            if self.dirty:
+                self._reindex()
+            demand = dispatch_policy.blocks_for(
+                r.prompt + r.done + max(r.output - r.done, 1), self.cal.block_size_tokens
+            )
+            slot = self.index[r.cls].best(demand)
+            if slot is None:
+                return False
+            self._admit(r, self.instances[slot], t)
+            return True
         cands = self._candidates(r)
         if not cands:
             return False
@@ -775,7 +791,7 @@ class Simulator:
 
     def drain(self, inst: Inst, t: float) -> None:
         inst.draining = True
-        inst.snapshot = None
+        inst.touch()
         for q in inst.requests():
             if q.cls == BATCH or q in inst.eq_i:
                 self._evict(q, inst, t)
