@@ -27,8 +27,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--metrics-port",
         type=int,
-        default=8081,
-        help="serve Prometheus metrics on this port at /metrics (0: off; default %(default)s)",
+        default=0,
+        help="serve Prometheus metrics on this port at /metrics (deploy/monitoring/ uses 8081; default: off)",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 

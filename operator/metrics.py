@@ -2,8 +2,8 @@
 
 One process-wide registry (`METRICS.registry`), because both users of the control loop — the
 kopf operator and `slofleet up` — run exactly one operator per process. It is served on its own
-port (`slofleet operator --metrics-port`, default 8081): kopf's liveness endpoint is kopf's own
-server and has no room for a /metrics route.
+port (`slofleet operator --metrics-port`; deploy/monitoring/ sets 8081): kopf's liveness endpoint
+is kopf's own server and has no room for a /metrics route.
 
 Every series carries `namespace` and `llmservice` (the LLMService, not the operator's own
 namespace), so that the dashboards filter operator data the same way as gateway and sidecar data;

@@ -3,16 +3,28 @@ that the served page is what Prometheus accepts."""
 
 from __future__ import annotations
 
+import asyncio
+import os
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import urllib.request
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
+import yaml
 from prometheus_client import CollectorRegistry
 
 from slofleet.operator import metrics as om
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def value(registry: CollectorRegistry, name: str, **labels: str) -> float | None:
@@ -106,9 +118,7 @@ def test_control_loop_labels_namespace_and_name_apart() -> None:
     shutil.which("promtool") is None, reason="promtool missing: scripts/install-test-tools.sh"
 )
 def test_served_page_passes_promtool() -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     om.serve(port, "127.0.0.1")
     om.METRICS.loop("ns", "served").observe_targets({}, {"mixed": 1})
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
@@ -116,3 +126,58 @@ def test_served_page_passes_promtool() -> None:
     assert b'slofleet_operator_desired_replicas{llmservice="served",namespace="ns",pool="mixed"} 1.0' in body
     result = subprocess.run(["promtool", "check", "metrics"], input=body, capture_output=True)
     assert result.returncode == 0, (result.stdout + result.stderr).decode()
+
+
+async def test_operator_process_serves_reconcile_metrics(tmp_path: Path) -> None:
+    """`slofleet operator --metrics-port P` (as deploy/monitoring/ runs it) against the kmock API
+    emulator of tests/test_operator.py: after reconciling a sample, /metrics counts it."""
+    import test_operator as t  # the operator tests' emulator and helpers (tests/ is on sys.path)
+
+    async with t.emulator() as (server, url):
+        kubeconfig = tmp_path / "kubeconfig"
+        kubeconfig.write_text(
+            yaml.safe_dump(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Config",
+                    "clusters": [{"name": "kmock", "cluster": {"server": url}}],
+                    "users": [{"name": "tester", "user": {"token": "t0ken"}}],
+                    "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "tester"}}],
+                    "current-context": "kmock",
+                }
+            )
+        )
+        liveness, metrics_port = free_port(), free_port()
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "slofleet.cli", "operator", "-A", "--kubeconfig", str(kubeconfig),
+            "--liveness", f"http://127.0.0.1:{liveness}/healthz", "--metrics-port", str(metrics_port),
+            env={**os.environ, "SLOFLEET_IMAGE": "reg/x:1", "SLOFLEET_ENGINE_CPU_IMAGE": "reg/e:1"},
+        )  # fmt: skip
+        try:
+            await t.user("POST", t.llms_url(url), t.sample())
+            await t.until(lambda: t.owned(server) == t.OWNED, "every owned object", within=60)
+
+            def reconciled() -> bytes | None:
+                with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as resp:
+                    body = resp.read()
+                ok = (
+                    f'slofleet_operator_reconciles_total{{llmservice="tiny",namespace="{t.NS}",outcome="ok"}}'
+                )
+                return body if ok.encode() in body else None
+
+            body = await t.until(reconciled, "a counted reconcile", within=30)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(proc.wait(), 30) == 0
+    assert b"slofleet_operator_reconcile_duration_seconds_count" in body
+    if shutil.which("promtool"):
+        check = await asyncio.create_subprocess_exec(
+            "promtool",
+            "check",
+            "metrics",
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        out, _ = await check.communicate(body)
+        assert check.returncode == 0, out.decode()

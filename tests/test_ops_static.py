@@ -256,7 +256,8 @@ def test_overlays_render_with_and_without_prometheus_operator_objects() -> None:
             p["name"]: p["containerPort"]
             for p in operator["spec"]["template"]["spec"]["containers"][0]["ports"]
         }
-        assert ports["metrics"] == 8081  # the default of `slofleet operator --metrics-port`
+        assert ports["metrics"] == 8081
+        assert "--metrics-port=8081" in operator["spec"]["template"]["spec"]["containers"][0]["args"]
 
 
 @pytest.mark.skipif(KUBECTL is None, reason="kubectl missing (renders kustomize)")
