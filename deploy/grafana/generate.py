@@ -101,7 +101,8 @@ def attainment(metric: str, target: float) -> str:
 
 NOT_LOCAL_RECONCILE = (
     "reconciles happen only in a cluster (kopf handlers); `slofleet up` runs the control loop "
-    "without Kubernetes objects. The query still runs; the operator tests cover the counter."
+    "without Kubernetes objects. The query still runs; tests/test_ops_operator_metrics.py runs the "
+    "operator process against the kmock API emulator and reads the counted reconciles."
 )
 NO_SCALING = (
     "the replay's spec pins every pool (min = max), so the autoscaler never changes replicas in "
