@@ -8,8 +8,8 @@ Rows (one process, one core, run one after another):
   the wall time is projected linearly to one hour of trace (the cost is per request, and the
   request rate of the scaled trace is roughly flat over the hour).
 - `1000-inst, 1 h, light`: 1,000 instances for the whole hour at 1/100 of the full load, run for
-  real: what the fleet-size-dependent costs (control ticks over 1,000 instances, dispatch
-  prefilter) amount to when requests are few.
+  real: what the fleet-size-dependent costs (local and control ticks over 1,000 instances,
+  dispatch index upkeep) amount to when requests are few.
 Policy: static (fixed fleet, so every row simulates exactly the instances it names) and chiron
 for the 1,000-instance full-load row.
 
