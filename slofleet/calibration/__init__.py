@@ -20,7 +20,7 @@ where its inputs came from.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from importlib import resources
 from pathlib import Path
 
@@ -44,6 +44,10 @@ class EngineCalibration:
     max_batched_tokens: int
     cold_start_s: float
     wake_s: float
+    # Latency outside the engine's iterations that every response carries (client -> gateway ->
+    # API server -> scheduler and back: HTTP, tokenization, detokenization); the simulator adds
+    # it to the TTFT and end-to-end time a client sees. 0 where the source does not give it.
+    response_path_s: float = 0.0
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -91,7 +95,8 @@ def load_calibration(name_or_path: str) -> EngineCalibration:
     data = json.loads(text)
     known = {f.name for f in fields(EngineCalibration)}
     unknown = sorted(set(data) - known)
-    missing = sorted(known - set(data))
+    optional = {f.name for f in fields(EngineCalibration) if f.default is not MISSING}
+    missing = sorted(known - optional - set(data))
     if unknown or missing:
         raise ValueError(f"calibration {name_or_path!r}: unknown fields {unknown}, missing fields {missing}")
     return EngineCalibration(**data)

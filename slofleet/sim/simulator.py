@@ -649,14 +649,14 @@ class Simulator:
                 self.batch_on_time += 1
             return
         self.int_in_flight -= 1
-        ttft = r.first_token - r.arrival
+        ttft = r.first_token - r.arrival + self.cal.response_path_s
         itl = (t - r.first_token) / (r.output - 1) if r.output > 1 else 0.0
         if r.output > 1:
             inst.win_itl.append(itl)
         met = ttft <= self.cfg.slo.ttft_s and itl <= self.cfg.slo.itl_s
         self.ttft.append(ttft)
         self.itl.append(itl)
-        self.e2e_sum += t - r.arrival
+        self.e2e_sum += t - r.arrival + self.cal.response_path_s
         self.int_total += 1
         self.int_met += met
         self.window.append((t, int(met)))
