@@ -34,6 +34,9 @@ class FreenessIndex:
 
     def update(self, slot: int, instance_id: str, free_blocks: int, in_flight: int, eligible: bool) -> None:
         """Record the instance's current state (`eligible`: it may take this class of request now)."""
+        live = self._live.get(slot)
+        if (live == (free_blocks, instance_id, in_flight)) if eligible else live is None:
+            return  # the entry in the heaps (or the absence of one) is still right
         v = self._version.get(slot, 0) + 1
         self._version[slot] = v
         if not eligible:
