@@ -18,9 +18,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import threading
 import time
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Coroutine
+from typing import Any, TypeVar
 
 import grpc
 import pytest
@@ -51,6 +52,7 @@ SPEC = {
         "maxScaleStep": 2,
     },
 }
+T = TypeVar("T")
 NO_LATENCY = Histogram((float("inf"),), (0.0,))
 
 
@@ -100,10 +102,36 @@ class PodSidecar:
         await self.server.stop(grace=1.0)
 
 
+class SidecarHost:
+    """A thread with its own event loop for the pods' sidecars. In a cluster they are other
+    processes; here a loop of their own keeps them apart from the operator's, whose kopf cancels
+    every task of its loop when it stops, and lets them outlive the operator as pods do."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="sidecars", daemon=True)
+        self.thread.start()
+
+    async def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self.loop))
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+        self.loop.close()
+
+
+async def start_sidecar(pod: dict[str, Any], ip: str, token: str) -> PodSidecar:
+    sidecar = PodSidecar(pod, ip, token)
+    await sidecar.start()
+    return sidecar
+
+
 class Fleet:
     """The emulated kubelet's pods (their sidecars) and the gateway's side of the load feed."""
 
-    def __init__(self, server: Cluster) -> None:
+    def __init__(self, server: Cluster, host: SidecarHost) -> None:
+        self.host = host
         self.server = server
         self.sidecars: dict[str, PodSidecar] = {}
         self.token = ""
@@ -118,14 +146,12 @@ class Fleet:
 
     async def start_pod(self, pod: dict[str, Any], ip: str) -> None:
         self.token = self.pod_token(pod)
-        sidecar = PodSidecar(pod, ip, self.token)
-        await sidecar.start()
-        self.sidecars[pod["metadata"]["name"]] = sidecar
+        self.sidecars[pod["metadata"]["name"]] = await self.host.run(start_sidecar(pod, ip, self.token))
 
     async def stop_pod(self, name: str) -> None:
         sidecar = self.sidecars.pop(name, None)
         if sidecar is not None:
-            await sidecar.stop()
+            await self.host.run(sidecar.stop())
 
     async def report(self, name: str, kind: int, ids: list[str]) -> None:
         """The gateway's ReportRequests stream to one sidecar."""
@@ -163,17 +189,15 @@ class Fleet:
 
 
 @contextlib.asynccontextmanager
-async def pods(server: Cluster, url: str) -> AsyncIterator[tuple[Fleet, Controllers]]:
-    """The controllers and the pods' sidecars, inside the operator's lifetime: kopf cancels every
-    task started while it ran when it stops, grpc's serving tasks included, so the sidecars must
-    stop first. (A context manager in the test rather than a fixture, for the same reason.)"""
-    fleet = Fleet(server)
-    controllers = Controllers(server, url, fleet.start_pod, fleet.stop_pod)
+async def sidecars(server: Cluster) -> AsyncIterator[Fleet]:
+    """The pods' sidecars; they stop after the operator, as pods outlive an operator restart."""
+    host = SidecarHost()
+    fleet = Fleet(server, host)
     try:
-        async with controllers.running():
-            yield fleet, controllers
+        yield fleet
     finally:
         await fleet.close()
+        host.close()
 
 
 def replicas(server: Cluster) -> dict[str, int]:
@@ -207,84 +231,86 @@ def pod_log(server: Cluster) -> list[tuple[str, str]]:
 
 
 async def test_load_scales_pools_out_then_in_after_stabilization() -> None:
-    async with cluster() as (server, url), operator(url), pods(server, url) as (fleet, controllers):
-        await user("POST", llms_url(url), sample(**SPEC))
-        # replicas.initial = 1 spread over Chiron's pools: one interactive instance.
-        await until(
-            lambda: (
-                replicas(server) == {"tiny-engine": 0, "tiny-engine-interactive": 1, "tiny-engine-batch": 0}
-            ),
-            "the pool Deployments",
-            within=WITHIN_S,
-        )
-        await until(
-            lambda: condition(live(server, LLMS)["tiny"], "Ready").get("status") == "True",
-            "Ready",
-            WITHIN_S,
-        )
-        await until(
-            lambda: status(server).get("pools") == {"interactive": 1, "mixed": 0, "batch": 0},
-            "pools",
-            WITHIN_S,
-        )
-        assert "lastScale" not in status(server)  # nothing changed yet: no decision to report
+    async with cluster() as (server, url), sidecars(server) as fleet, operator(url):
+        controllers = Controllers(server, url, fleet.start_pod, fleet.stop_pod)
+        async with controllers.running():
+            await scale_out_and_in(server, url, fleet, controllers)
 
-        # Load above capacity: 10 requests on one instance whose local limit is 4. However Chiron
-        # splits it between interactive and mixed (a tuning of the policy), 10 requests need all 4
-        # instances that spec.replicas.max allows: 1 -> 3 (maxScaleStep 2) -> 4.
-        (first,) = fleet.sidecars
-        await fleet.admit(first, 10)
-        await until(lambda: serving(server) == 4, "scale-out to 4 instances", within=WITHIN_S)
-        assert replicas(server)["tiny-engine"] >= 1, "no mixed instance (the burst buffer)"
-        scaled = await until(
-            lambda: status(server).get("lastScale", {}).get("to") == 4 and status(server)["lastScale"],
-            "status.lastScale of the scale-out",
-            WITHIN_S,
-        )
-        assert scaled["from"] < 4, scaled
-        assert "10 interactive in flight" in scaled["reason"], scaled
-        autoscaled = await until(
-            lambda: [e for e in events(server) if e["reason"] == "Autoscaled"],
-            "an Autoscaled Event",
-            WITHIN_S,
-        )
-        assert autoscaled[0]["type"] == "Normal" and "interactive 1->" in autoscaled[0]["message"]
-        await until(lambda: status(server).get("pools") == pools(server), "status.pools", WITHIN_S)
-        await until(lambda: len(fleet.sidecars) == 4, "four running pods", WITHIN_S)
 
-        # The load falls: nothing leaves before a stabilization window of low recommendations.
-        fell = time.monotonic()
-        await fleet.finish_all()
-        await until(lambda: serving(server) < 4, "the first scale-in", within=WITHIN_S)
-        assert time.monotonic() - fell >= STABILIZATION_S - 1.0
-        await until(
-            lambda: replicas(server)["tiny-engine-interactive"] == 1 and replicas(server)["tiny-engine"] == 0,
-            "scale-in to the pools' minimum",
-            within=WITHIN_S,
-        )
-        await until(lambda: len(controllers.deleted) == 3, "three pods removed", WITHIN_S)
-        await until(
-            lambda: status(server)["pools"] == {"interactive": 1, "mixed": 0, "batch": 0}, "pools", WITHIN_S
-        )
-        assert status(server)["lastScale"]["to"] < status(server)["lastScale"]["from"]
-        await until(
-            lambda: [e for e in events(server) if e["reason"] == "ScaleIn"], "a ScaleIn Event", WITHIN_S
-        )
+async def scale_out_and_in(server: Cluster, url: str, fleet: Fleet, controllers: Controllers) -> None:
+    await user("POST", llms_url(url), sample(**SPEC))
+    # replicas.initial = 1 spread over Chiron's pools: one interactive instance.
+    await until(
+        lambda: replicas(server) == {"tiny-engine": 0, "tiny-engine-interactive": 1, "tiny-engine-batch": 0},
+        "the pool Deployments",
+        within=WITHIN_S,
+    )
+    await until(
+        lambda: condition(live(server, LLMS)["tiny"], "Ready").get("status") == "True",
+        "Ready",
+        WITHIN_S,
+    )
+    await until(
+        lambda: status(server).get("pools") == {"interactive": 1, "mixed": 0, "batch": 0},
+        "pools",
+        WITHIN_S,
+    )
+    assert "lastScale" not in status(server)  # nothing changed yet: no decision to report
 
-        # Every removed pod is one the operator chose: marked with the lowest deletion cost first,
-        # then its Deployment's replicas lowered, then (only then) deleted by the controller.
-        log = pod_log(server)
-        for name in controllers.deleted:
-            marked = log.index(("PATCH", f"/api/v1/namespaces/{NS}/pods/{name}"))
-            deleted = log.index(("DELETE", f"/api/v1/namespaces/{NS}/pods/{name}"))
-            deployment = name.rsplit("-", 1)[0]
-            lowered = [
-                i
-                for i, w in enumerate(log)
-                if w == ("PATCH", f"/apis/apps/v1/namespaces/{NS}/deployments/{deployment}")
-            ]
-            assert any(marked < i < deleted for i in lowered), (name, marked, lowered, deleted)
-        assert all(
-            (obj.get("metadata", {}).get("annotations") or {}).get(DELETION_COST) is None
-            for obj in live(server, "v1/pods").values()
-        ), "a pod that stays was marked for deletion"
+    # Load above capacity: 10 requests on one instance whose local limit is 4. However Chiron
+    # splits it between interactive and mixed (a tuning of the policy), 10 requests need all 4
+    # instances that spec.replicas.max allows: 1 -> 3 (maxScaleStep 2) -> 4.
+    (first,) = fleet.sidecars
+    await fleet.admit(first, 10)
+    await until(lambda: serving(server) == 4, "scale-out to 4 instances", within=WITHIN_S)
+    assert replicas(server)["tiny-engine"] >= 1, "no mixed instance (the burst buffer)"
+    scaled = await until(
+        lambda: status(server).get("lastScale", {}).get("to") == 4 and status(server)["lastScale"],
+        "status.lastScale of the scale-out",
+        WITHIN_S,
+    )
+    assert scaled["from"] < 4, scaled
+    assert "10 interactive in flight" in scaled["reason"], scaled
+    autoscaled = await until(
+        lambda: [e for e in events(server) if e["reason"] == "Autoscaled"],
+        "an Autoscaled Event",
+        WITHIN_S,
+    )
+    assert autoscaled[0]["type"] == "Normal" and "interactive 1->" in autoscaled[0]["message"]
+    await until(lambda: status(server).get("pools") == pools(server), "status.pools", WITHIN_S)
+    await until(lambda: len(fleet.sidecars) == 4, "four running pods", WITHIN_S)
+
+    # The load falls: nothing leaves before a stabilization window of low recommendations.
+    fell = time.monotonic()
+    await fleet.finish_all()
+    await until(lambda: serving(server) < 4, "the first scale-in", within=WITHIN_S)
+    assert time.monotonic() - fell >= STABILIZATION_S - 1.0
+    await until(
+        lambda: replicas(server)["tiny-engine-interactive"] == 1 and replicas(server)["tiny-engine"] == 0,
+        "scale-in to the pools' minimum",
+        within=WITHIN_S,
+    )
+    await until(lambda: len(controllers.deleted) == 3, "three pods removed", WITHIN_S)
+    await until(
+        lambda: status(server)["pools"] == {"interactive": 1, "mixed": 0, "batch": 0}, "pools", WITHIN_S
+    )
+    assert status(server)["lastScale"]["to"] < status(server)["lastScale"]["from"]
+    await until(lambda: [e for e in events(server) if e["reason"] == "ScaleIn"], "a ScaleIn Event", WITHIN_S)
+
+    # Every removed pod is one the operator chose: marked with the lowest deletion cost first,
+    # then its Deployment's replicas lowered, then (only then) deleted by the controller.
+    log = pod_log(server)
+    for name in controllers.deleted:
+        marked = log.index(("PATCH", f"/api/v1/namespaces/{NS}/pods/{name}"))
+        deleted = log.index(("DELETE", f"/api/v1/namespaces/{NS}/pods/{name}"))
+        deployment = name.rsplit("-", 1)[0]
+        lowered = [
+            i
+            for i, w in enumerate(log)
+            if w == ("PATCH", f"/apis/apps/v1/namespaces/{NS}/deployments/{deployment}")
+        ]
+        assert any(marked < i < deleted for i in lowered), (name, marked, lowered, deleted)
+    assert all(
+        (obj.get("metadata", {}).get("annotations") or {}).get(DELETION_COST) is None
+        for obj in live(server, "v1/pods").values()
+    ), "a pod that stays was marked for deletion"
