@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from slofleet.sidecar.weightstore import DEFAULT_ROOT as DEFAULT_WEIGHT_STORE
+
 if TYPE_CHECKING:
     from slofleet.sidecar.runtime import Sidecar
 
@@ -39,6 +41,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--concurrency-limit", type=int, default=256, help="initial limit (SetLimits changes it)"
     )
     parser.add_argument("--pool", choices=["interactive", "mixed", "batch"], default="mixed")
+    auto = parser.add_argument_group("local autoscaler (Chiron): the limit follows latency vs the SLO")
+    auto.add_argument("--local-autoscaler", action="store_true", help="let the sidecar set its own limit")
+    auto.add_argument("--ttft-slo-seconds", type=float, default=1.0)
+    auto.add_argument("--itl-slo-ms", type=float, default=100.0)
+    auto.add_argument("--max-concurrency", type=int, default=256, help="the limit never goes above this")
+    parser.add_argument(
+        "--weight-store", default=os.environ.get("SLOFLEET_WEIGHT_STORE", DEFAULT_WEIGHT_STORE),
+        help="host weight store folder (pod shared memory) for layer drop/restore (default: %(default)s)",
+    )  # fmt: skip
     parser.add_argument("--log-level", default="INFO")
 
 
@@ -59,6 +70,7 @@ def read_token(token_file: Path | None) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from slofleet.instance import Pool
+    from slofleet.policies.local_autoscaler import LocalAutoscalerConfig
     from slofleet.sidecar.runtime import Sidecar, SidecarConfig
 
     logging.basicConfig(
@@ -78,6 +90,17 @@ def run(args: argparse.Namespace) -> int:
             poll_interval_seconds=args.poll_interval,
             concurrency_limit=args.concurrency_limit,
             pool=Pool(args.pool),
+            local_autoscaler=(
+                LocalAutoscalerConfig(
+                    ttft_slo_s=args.ttft_slo_seconds,
+                    itl_slo_s=args.itl_slo_ms / 1000.0,
+                    max_limit=args.max_concurrency,
+                    initial_limit=min(16, args.max_concurrency),
+                )
+                if args.local_autoscaler
+                else None
+            ),
+            weight_store_dir=args.weight_store,
         )
     except ValueError as e:
         print(f"slofleet sidecar: {e}", file=sys.stderr)

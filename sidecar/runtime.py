@@ -23,10 +23,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from slofleet.api.v1 import sidecar_pb2_grpc as pb_grpc
 from slofleet.instance import Pool
+from slofleet.policies.local_autoscaler import LocalAutoscalerConfig
 from slofleet.sidecar.engine import EngineError, VllmEngine
 from slofleet.sidecar.exporter import SidecarMetrics
+from slofleet.sidecar.local_limit import LocalLimitController
+from slofleet.sidecar.memory.service import MemoryMetrics, MemoryService, add_memory_service
 from slofleet.sidecar.service import BearerTokenInterceptor, ExpectedToken, HealthReporter, SidecarService
 from slofleet.sidecar.state import SidecarState
+from slofleet.sidecar.weightstore import DEFAULT_ROOT as DEFAULT_WEIGHT_STORE
 from slofleet.sidecar.window import SampleWindow
 
 log = logging.getLogger("slofleet.sidecar")
@@ -52,6 +56,11 @@ class SidecarConfig:
     rate_window_seconds: float = 10.0
     latency_window_seconds: float = 60.0
     request_ttl_seconds: float = 3600.0
+    # Chiron's local autoscaler sets the concurrency limit when given (None: the limit is static
+    # unless SetLimits changes it).
+    local_autoscaler: LocalAutoscalerConfig | None = None
+    # The host weight store (shared memory of the pod) behind DropLayers/RestoreLayers/Standby.
+    weight_store_dir: str = DEFAULT_WEIGHT_STORE
 
     def __post_init__(self) -> None:
         if not self.token:
@@ -81,6 +90,16 @@ class Sidecar:
         self.service = SidecarService(
             self.state, engine_url=config.engine_url, watch_interval_seconds=config.watch_interval_seconds
         )
+        self.local_limit = (
+            LocalLimitController(self.state, config.local_autoscaler) if config.local_autoscaler else None
+        )
+        self.memory = MemoryService(
+            config.engine_url,
+            config.weight_store_dir,
+            metrics=MemoryMetrics(self.metrics.registry),
+            peer_token=config.token,
+            on_status=lambda status: self.state.set_layers_resident(status.layers_resident),
+        )
         self.grpc_port = 0
         self.metrics_port = 0
         self._server: grpc.aio.Server | None = None
@@ -101,6 +120,8 @@ class Sidecar:
             options=[("grpc.so_reuseport", 0)],
         )
         pb_grpc.add_SidecarServicer_to_server(self.service, server)
+        await self.memory.start()
+        add_memory_service(server, self.memory)
         self.health.add_to(server)
         self.grpc_port = server.add_insecure_port(f"{cfg.grpc_host}:{cfg.grpc_port}")
         if self.grpc_port == 0:
@@ -138,6 +159,7 @@ class Sidecar:
         if self._web is not None:
             await self._web.cleanup()
             self._web = None
+        await self.memory.close()
         await self.engine.close()
 
     async def wait_closed(self) -> None:
@@ -188,6 +210,8 @@ class Sidecar:
             else:
                 self.metrics.scrape_duration.observe(time.perf_counter() - t0)
                 self.state.observe(sample, read_unix_nanos=sent_unix_nanos)
+                if self.local_limit is not None:
+                    self.local_limit.observe(time.monotonic(), sample)
         if not ok and (self.state.healthy or self.state.info is not None):
             log.warning("engine at %s is down", cfg.engine_url)
             self.state.engine_down()

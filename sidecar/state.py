@@ -63,6 +63,8 @@ class SidecarState:
         self.concurrency_limit = concurrency_limit
         self.draining = False
         self.healthy = False
+        # Set by the memory service after each drop/restore; None: every layer is resident.
+        self.layers_resident: int | None = None
         self.info: EngineInfo | None = None
         self.window = window or SampleWindow()
         self.request_ttl_seconds = request_ttl_seconds
@@ -104,6 +106,10 @@ class SidecarState:
 
     def set_limit(self, limit: int) -> None:
         self.concurrency_limit = limit
+        self._publish(time.monotonic())
+
+    def set_layers_resident(self, resident: int) -> None:
+        self.layers_resident = resident
         self._publish(time.monotonic())
 
     def set_draining(self, draining: bool) -> None:
@@ -164,6 +170,7 @@ class SidecarState:
         s = self.sample if self.healthy else None
         requests = self.tracked_requests
         layers = self.info.kv.num_layers if self.info else 0
+        resident = layers if self.layers_resident is None else self.layers_resident
         if s is None:
             # An engine we cannot see takes no requests: the same "fake infinite" usage as draining.
             self.freeness = Freeness(DRAINING_FREENESS, math.inf, 0, 0, 0)
@@ -204,7 +211,7 @@ class SidecarState:
             itl_p50_seconds=stats.itl_p50_seconds,
             itl_p99_seconds=stats.itl_p99_seconds,
             freeness=self.freeness.freeness,
-            layers_resident=layers,
+            layers_resident=resident,
             layers_total=layers,
             requests=requests,
         )

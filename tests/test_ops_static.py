@@ -201,14 +201,7 @@ def test_promtool_unit_tests_fire_the_alerts() -> None:
         "operator",
         "sidecar",
         "migration",
-        pytest.param(
-            "memory",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="sidecar/memory/service.py names a gauge slofleet_memory_layers_total; promtool: "
-                "non-counter metrics should not have a _total suffix (owner: sidecar/memory)",
-            ),
-        ),
+        "memory",
     ],
 )
 def test_promtool_checks_each_exposition_from_code(component: str) -> None:

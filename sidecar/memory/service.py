@@ -18,7 +18,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -106,9 +106,7 @@ class MemoryMetrics:
             "Decoder layers whose weights the engine holds",
             registry=registry,
         )
-        self.layers_total = Gauge(
-            "slofleet_memory_layers_total", "Decoder layers of the model", registry=registry
-        )
+        self.layers = Gauge("slofleet_memory_layers", "Decoder layers of the model", registry=registry)
         self.host_store_bytes = Gauge(
             "slofleet_memory_host_store_bytes",
             "Bytes in this instance's host weight store",
@@ -136,7 +134,7 @@ class MemoryMetrics:
 
     def observe(self, status: pb.MemoryStatus) -> None:
         self.layers_resident.set(status.layers_resident)
-        self.layers_total.set(status.layers_total)
+        self.layers.set(status.layers_total)
         self.host_store_bytes.set(status.host_store_bytes)
         self.resident_weight_bytes.set(status.resident_weight_bytes)
         self.standby.set(1 if status.standby else 0)
@@ -179,11 +177,14 @@ class MemoryService(pb_grpc.MemoryServicer):
         *,
         metrics: MemoryMetrics | None = None,
         peer_token: str = "",
+        on_status: Callable[[pb.MemoryStatus], None] | None = None,
     ) -> None:
         self.engine = EngineControl(engine_url)
         self.store = WeightStore(store_dir)
         self.metrics = metrics or MemoryMetrics(CollectorRegistry())
         self._peer_token = peer_token
+        # The sidecar's Load reports layers resident from here.
+        self._on_status = on_status
         self._lock = asyncio.Lock()
 
     async def start(self) -> None:
@@ -231,6 +232,8 @@ class MemoryService(pb_grpc.MemoryServicer):
             last_operation_bytes=op_bytes,
         )
         self.metrics.observe(status)
+        if self._on_status is not None:
+            self._on_status(status)
         return status
 
     def _missing_locally(self, units: Sequence[str], fingerprint: str) -> list[str]:
