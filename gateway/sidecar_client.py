@@ -12,21 +12,18 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
+from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import grpc
 
+from slofleet.api.convert import load_from_pb, request_to_pb
 from slofleet.api.v1 import sidecar_pb2, sidecar_pb2_grpc
 from slofleet.gateway.instances import Instance, InstancePool, discover_engine
-from slofleet.instance import InstanceLoad, Pool, RequestClass, RequestInfo
+from slofleet.instance import RequestInfo
 
 log = logging.getLogger("slofleet.gateway.sidecar")
 
-_CLASS_TO_PB = {
-    RequestClass.INTERACTIVE: sidecar_pb2.REQUEST_CLASS_INTERACTIVE,
-    RequestClass.BATCH: sidecar_pb2.REQUEST_CLASS_BATCH,
-}
-_POOL_FROM_PB = {sidecar_pb2.POOL_INTERACTIVE: Pool.INTERACTIVE, sidecar_pb2.POOL_BATCH: Pool.BATCH}
 _KIND = {
     "admitted": sidecar_pb2.RequestEvent.KIND_ADMITTED,
     "finished": sidecar_pb2.RequestEvent.KIND_FINISHED,
@@ -34,49 +31,19 @@ _KIND = {
 Metadata = tuple[tuple[str, str], ...] | None
 
 
-def request_from_pb(r: sidecar_pb2.RequestInfo) -> RequestInfo:
-    cls = (
-        RequestClass.BATCH if r.request_class == sidecar_pb2.REQUEST_CLASS_BATCH else RequestClass.INTERACTIVE
-    )
-    return RequestInfo(r.request_id, cls, r.priority, r.prompt_tokens, r.max_tokens, r.generated_tokens)
-
-
-def request_to_pb(r: RequestInfo) -> sidecar_pb2.RequestInfo:
-    return sidecar_pb2.RequestInfo(
-        request_id=r.request_id,
-        request_class=_CLASS_TO_PB[r.request_class],
-        priority=r.priority,
-        prompt_tokens=r.prompt_tokens,
-        max_tokens=r.max_tokens,
-        generated_tokens=r.generated_tokens,
-    )
-
-
-def load_from_pb(m: sidecar_pb2.InstanceLoad) -> InstanceLoad:
-    return InstanceLoad(
-        instance_id=m.instance_id,
-        running_requests=m.running_requests,
-        waiting_requests=m.waiting_requests,
-        kv_usage_fraction=m.kv_usage_fraction,
-        kv_total_blocks=m.kv_total_blocks,
-        kv_free_blocks=m.kv_free_blocks,
-        block_size_tokens=m.block_size_tokens,
-        concurrency_limit=m.concurrency_limit,
-        draining=m.draining,
-        healthy=m.healthy,
-        pool=_POOL_FROM_PB.get(m.pool, Pool.MIXED),
-        prompt_tokens_per_second=m.prompt_tokens_per_second,
-        generation_tokens_per_second=m.generation_tokens_per_second,
-        preemptions_total=m.preemptions_total,
-        ttft_p50_seconds=m.ttft_p50_seconds,
-        ttft_p99_seconds=m.ttft_p99_seconds,
-        itl_p50_seconds=m.itl_p50_seconds,
-        itl_p99_seconds=m.itl_p99_seconds,
-        freeness=m.freeness,
-        layers_resident=m.layers_resident,
-        layers_total=m.layers_total,
-        requests=tuple(request_from_pb(r) for r in m.requests),
-    )
+def reachable_engine_url(engine_url: str, sidecar_address: str) -> str:
+    """The engine as the gateway can reach it. A sidecar knows its engine as loopback (same pod);
+    from outside the pod the engine is at the sidecar's host, on the engine's own port."""
+    parts = urlsplit(engine_url.rstrip("/"))
+    sidecar_host = sidecar_address.rpartition(":")[0].strip("[]")
+    if parts.hostname in ("127.0.0.1", "localhost", "::1") and sidecar_host not in (
+        "127.0.0.1",
+        "localhost",
+        "::1",
+    ):
+        host = f"[{sidecar_host}]" if ":" in sidecar_host else sidecar_host
+        return urlunsplit((parts.scheme, f"{host}:{parts.port or 80}", parts.path, "", ""))
+    return engine_url.rstrip("/")
 
 
 class Reporter:
@@ -122,11 +89,12 @@ async def watch_sidecar(
             async with grpc.aio.insecure_channel(address) as channel:
                 stub = sidecar_pb2_grpc.SidecarStub(channel)
                 info = await stub.Info(sidecar_pb2.InfoRequest(), metadata=metadata, timeout=5)
+                url = reachable_engine_url(info.engine_url, address)
                 inst = pool.instances.get(info.instance_id)
                 if inst is None:
-                    inst = Instance(instance_id=info.instance_id, url=info.engine_url.rstrip("/"))
+                    inst = Instance(instance_id=info.instance_id, url=url)
                     pool.instances[inst.instance_id] = inst
-                inst.url = info.engine_url.rstrip("/")
+                inst.url = url
                 inst.block_size = info.block_size_tokens or inst.block_size
                 inst.kv_total_blocks = int(info.kv_total_blocks)
                 await discover_engine(session, inst)

@@ -21,9 +21,11 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
+from slofleet.api.convert import CLASS_FROM_PB, load_to_pb
+from slofleet.api.convert import request_from_pb as trusted_request_from_pb
 from slofleet.api.v1 import sidecar_pb2 as pb
 from slofleet.api.v1 import sidecar_pb2_grpc as pb_grpc
-from slofleet.instance import InstanceLoad, Pool, RequestClass, RequestInfo
+from slofleet.instance import InstanceLoad, RequestInfo
 from slofleet.sidecar.state import SidecarState
 
 log = logging.getLogger("slofleet.sidecar.service")
@@ -38,54 +40,9 @@ MAX_WATCH_INTERVAL_MS = 3_600_000
 MAX_REQUEST_ID_CHARS = 256
 MAX_SOURCE_CHARS = 64
 
-_POOL_TO_PB = {Pool.INTERACTIVE: pb.POOL_INTERACTIVE, Pool.MIXED: pb.POOL_MIXED, Pool.BATCH: pb.POOL_BATCH}
-_CLASS_TO_PB = {
-    RequestClass.INTERACTIVE: pb.REQUEST_CLASS_INTERACTIVE,
-    RequestClass.BATCH: pb.REQUEST_CLASS_BATCH,
-}
-_CLASS_FROM_PB = {v: k for k, v in _CLASS_TO_PB.items()}
-
 
 class InvalidArgument(ValueError):
     """A request field is wrong; the message starts with the field's path."""
-
-
-def load_to_pb(load: InstanceLoad, timestamp_unix_nanos: int) -> pb.InstanceLoad:
-    return pb.InstanceLoad(
-        instance_id=load.instance_id,
-        timestamp_unix_nanos=timestamp_unix_nanos,
-        healthy=load.healthy,
-        draining=load.draining,
-        pool=_POOL_TO_PB[load.pool],
-        running_requests=load.running_requests,
-        waiting_requests=load.waiting_requests,
-        kv_usage_fraction=load.kv_usage_fraction,
-        kv_total_blocks=load.kv_total_blocks,
-        kv_free_blocks=load.kv_free_blocks,
-        block_size_tokens=load.block_size_tokens,
-        concurrency_limit=load.concurrency_limit,
-        prompt_tokens_per_second=load.prompt_tokens_per_second,
-        generation_tokens_per_second=load.generation_tokens_per_second,
-        preemptions_total=load.preemptions_total,
-        ttft_p50_seconds=load.ttft_p50_seconds,
-        ttft_p99_seconds=load.ttft_p99_seconds,
-        itl_p50_seconds=load.itl_p50_seconds,
-        itl_p99_seconds=load.itl_p99_seconds,
-        freeness=load.freeness,
-        layers_resident=load.layers_resident,
-        layers_total=load.layers_total,
-        requests=[
-            pb.RequestInfo(
-                request_id=r.request_id,
-                request_class=_CLASS_TO_PB[r.request_class],
-                priority=r.priority,
-                prompt_tokens=r.prompt_tokens,
-                max_tokens=r.max_tokens,
-                generated_tokens=r.generated_tokens,
-            )
-            for r in load.requests
-        ],
-    )
 
 
 def request_from_pb(msg: pb.RequestInfo, path: str, *, need_sizes: bool = True) -> RequestInfo:
@@ -94,7 +51,7 @@ def request_from_pb(msg: pb.RequestInfo, path: str, *, need_sizes: bool = True) 
         raise InvalidArgument(f"{path}.request_id: must not be empty")
     if len(msg.request_id) > MAX_REQUEST_ID_CHARS:
         raise InvalidArgument(f"{path}.request_id: at most {MAX_REQUEST_ID_CHARS} characters")
-    if need_sizes and msg.request_class not in _CLASS_FROM_PB:
+    if need_sizes and msg.request_class not in CLASS_FROM_PB:
         raise InvalidArgument(
             f"{path}.request_class: must be REQUEST_CLASS_INTERACTIVE or REQUEST_CLASS_BATCH"
         )
@@ -103,14 +60,7 @@ def request_from_pb(msg: pb.RequestInfo, path: str, *, need_sizes: bool = True) 
             raise InvalidArgument(f"{path}.{name}: must be >= 0, got {getattr(msg, name)}")
     if need_sizes and msg.prompt_tokens < 1:
         raise InvalidArgument(f"{path}.prompt_tokens: must be >= 1, got {msg.prompt_tokens}")
-    return RequestInfo(
-        request_id=msg.request_id,
-        request_class=_CLASS_FROM_PB.get(msg.request_class, RequestClass.INTERACTIVE),
-        priority=msg.priority,
-        prompt_tokens=msg.prompt_tokens,
-        max_tokens=msg.max_tokens,
-        generated_tokens=msg.generated_tokens,
-    )
+    return trusted_request_from_pb(msg)
 
 
 def validate_limit(request: pb.SetLimitsRequest) -> int:

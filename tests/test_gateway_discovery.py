@@ -44,3 +44,12 @@ async def test_sync_follows_new_and_drops_gone_sidecars() -> None:
         assert "a" not in pool.instances and "a" in forgotten
         await d.sync(set())
         assert d._tasks == {}
+
+
+def test_engine_url_from_a_pod_sidecar_is_reached_at_the_pod_address() -> None:
+    from slofleet.gateway.sidecar_client import reachable_engine_url
+
+    assert reachable_engine_url("http://127.0.0.1:8000", "10.1.2.3:50051") == "http://10.1.2.3:8000"
+    assert reachable_engine_url("http://127.0.0.1:8000/", "[fd00::1]:50051") == "http://[fd00::1]:8000"
+    # Local fleets: sidecar and engine are both on loopback; nothing to rewrite.
+    assert reachable_engine_url("http://127.0.0.1:41000", "127.0.0.1:50051") == "http://127.0.0.1:41000"
