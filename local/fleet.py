@@ -31,7 +31,7 @@ class LocalFleet:
         launch: EngineLaunch,
         log_dir: Path,
         on_change: ChangeHook | None = None,
-        start_timeout_seconds: float = 300.0,
+        start_timeout_seconds: float = 600.0,
     ) -> None:
         self.service = service
         self.launch = launch

@@ -25,6 +25,7 @@ class EngineLaunch:
     engine_args: Sequence[str] = ()
     env: Mapping[str, str] = field(default_factory=dict)
     sidecar_token: str = ""
+    sidecar_args: Sequence[str] = ()
 
 
 class LocalInstance:
@@ -81,6 +82,7 @@ class LocalInstance:
                 instance_id,
                 "--pool",
                 pool.value,
+                *launch.sidecar_args,
             ],
             log_dir / f"{instance_id}-sidecar.log",
             sidecar_env,
@@ -107,7 +109,7 @@ class LocalInstance:
     def processes_alive(self) -> bool:
         return self.engine.alive() and self.sidecar.alive()
 
-    async def wait_ready(self, session: aiohttp.ClientSession, timeout_seconds: float = 300.0) -> None:
+    async def wait_ready(self, session: aiohttp.ClientSession, timeout_seconds: float = 600.0) -> None:
         """Wait for the engine's /health; fail fast (with its log) if a process dies."""
         deadline = asyncio.get_running_loop().time() + timeout_seconds
         while asyncio.get_running_loop().time() < deadline:

@@ -69,6 +69,15 @@ def local_engine_args(spec: LLMServiceSpec) -> list[str]:
     return out
 
 
+def local_sidecar_args(spec: LLMServiceSpec) -> list[str]:
+    """Chiron's local autoscaler runs in each sidecar, against the service's interactive SLO."""
+    if spec.autoscaling.policy != "chiron":
+        return []
+    slo = spec.slo.interactive
+    return ["--local-autoscaler", "--ttft-slo-seconds", str(slo.ttft_seconds),
+            "--itl-slo-ms", str(slo.itl_milliseconds)]  # fmt: skip
+
+
 @dataclass
 class UpState:
     """What `slofleet status`/`replay` read from state.json."""
@@ -221,6 +230,7 @@ class LocalUp:
             served_model_name=self.service.name,
             engine_args=local_engine_args(self.spec),
             sidecar_token=self.token,
+            sidecar_args=local_sidecar_args(self.spec),
         )
         autoscaler = autoscaler_from_spec(self.spec)
         sidecars = SidecarClient(self.token)
