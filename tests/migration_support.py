@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import re
+import shutil
 import tempfile
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -232,5 +233,7 @@ async def wait_tokens(received: asyncio.Queue[int], n: int) -> None:
 
 
 async def stop_node(node: Node) -> None:
+    """Stop the Migration service and remove the control socket's folder (the engine goes next)."""
     with contextlib.suppress(Exception):
         await node.grpc_server.stop(0)
+    shutil.rmtree(Path(node.control.socket_path).parent, ignore_errors=True)
