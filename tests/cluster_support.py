@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -26,6 +27,7 @@ import aiohttp
 import kmock
 from test_operator import NS, ApiServer, emulator, live
 
+log = logging.getLogger(__name__)
 DELETION_COST = "controller.kubernetes.io/pod-deletion-cost"
 VERBS = {"get", "list", "watch", "create", "patch", "update", "delete"}
 
@@ -157,7 +159,10 @@ class Controllers:
     async def running(self) -> AsyncIterator[Controllers]:
         async def loop() -> None:
             while True:
-                await self.sync_once()
+                try:
+                    await self.sync_once()
+                except RuntimeError as exc:  # an API error: a controller retries on its next sync
+                    log.warning("controllers: %s", exc)
                 await asyncio.sleep(0.1)
 
         task = asyncio.create_task(loop())
