@@ -117,14 +117,29 @@ class KubernetesFleet:
                     "service=%s/%s event=pool_deployment_missing name=%s", self.namespace, self.service, name
                 )
             return
-        for pod in remove_first:
-            await self.mark_for_scale_in(pod)
-        if int(dep.get("spec", {}).get("replicas", 0) or 0) != replicas:
+        current = int(dep.get("spec", {}).get("replicas", 0) or 0)
+        if replicas < current:
+            replicas = await self._never_blind(pool, current, replicas, remove_first)
+        if current != replicas:
             await self.kube.patch(KINDS["Deployment"], self.namespace, name, {"spec": {"replicas": replicas}})
             log.info(
                 "service=%s/%s event=replicas pool=%s replicas=%d remove_first=%s",
                 self.namespace, self.service, pool.value, replicas, list(remove_first),
             )  # fmt: skip
+
+    async def _never_blind(self, pool: Pool, current: int, target: int, remove_first: Sequence[str]) -> int:
+        """Mark `remove_first` and lower replicas only by what removes no unchosen ready pod: pods
+        not created yet, pods not ready (the ReplicaSet controller removes those first) and the
+        marked ones. A policy that named fewer victims than it removes (a sidecar that did not
+        answer) gets the rest at its next step, once it can choose them."""
+        members = [r for r in await self.instances() if r.pool == pool and r.phase != Phase.STOPPING]
+        chosen = [r.instance_id for r in members if r.instance_id in remove_first]
+        for pod in chosen:
+            await self.mark_for_scale_in(pod)
+        free = max(0, current - len(members)) + sum(
+            1 for r in members if r.phase != Phase.READY and r.instance_id not in chosen
+        )
+        return max(target, current - free - len(chosen))
 
     async def mark_for_scale_in(self, pod: str) -> None:
         """Give the pod the lowest deletion cost, so that lowering replicas removes this pod."""

@@ -130,7 +130,10 @@ async def test_scale_in_marks_the_chosen_pods_before_lowering_replicas(
         await pod(url, name, labels, "10.0.0.1", True)
     fleet = KubernetesFleet(client, NS, "tiny", (Pool.INTERACTIVE, Pool.MIXED, Pool.BATCH))
 
-    # `gone` was deleted meanwhile (404): nothing to mark, no error.
+    # Never blind: without chosen pods, replicas do not fall below the ready pods.
+    await fleet.set_replicas(Pool.INTERACTIVE, 1)
+    assert live(server, "apps/v1/deployments")["tiny-engine-interactive"]["spec"]["replicas"] == 3
+    # `gone` was deleted meanwhile: nothing to mark, no error.
     await fleet.set_replicas(Pool.INTERACTIVE, 1, remove_first=("p2", "gone", "p0"))
     pods = live(server, "v1/pods")
     assert pods["p2"]["metadata"]["annotations"][DELETION_COST] == str(SCALE_IN_DELETION_COST)
