@@ -255,8 +255,9 @@ class LocalUp:
                 if ready_callback is not None:
                     ready_callback.set()
                 loop = ControlLoop(
-                    self.service.name, fleet, autoscaler, sidecars, self.state.gateway_url, self._on_event
-                )
+                    self.service.name, fleet, autoscaler, sidecars, self.state.gateway_url, self._on_event,
+                    max_total_replicas=self.spec.replicas.max,
+                )  # fmt: skip
                 try:
                     await loop.run(float(self.spec.autoscaling.interval_seconds), self.stop_event)
                 finally:

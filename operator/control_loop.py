@@ -18,7 +18,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import aiohttp
 import grpc
@@ -181,6 +181,26 @@ def observe(
     )
 
 
+def cap_total(decision: ScaleDecision, max_total: int | None) -> ScaleDecision:
+    """Hold the pools' sum to spec.replicas.max: per-pool bounds alone would let every pool grow
+    to it. Only growth is trimmed (largest growth first), so a cap never forces a scale-in."""
+    if max_total is None:
+        return decision
+    targets = dict(decision.targets)
+    while sum(targets.values()) > max_total:
+        growth = {p: t - decision.current.get(p, 0) for p, t in targets.items()}
+        pool = max(growth, key=lambda p: (growth[p], p.value))
+        if growth[pool] <= 0:
+            break
+        targets[pool] -= 1
+    if targets == dict(decision.targets):
+        return decision
+    note = f" (capped at {max_total} instances in all)"
+    reasons = {p: r + (note if targets[p] != decision.targets[p] else "")
+               for p, r in decision.reasons.items()}  # fmt: skip
+    return replace(decision, targets=targets, reasons=reasons)
+
+
 class ControlLoop:
     def __init__(
         self,
@@ -193,6 +213,7 @@ class ControlLoop:
         *,
         drain_timeout_seconds: float = 120.0,
         expected_batch_tokens: float = 256.0,
+        max_total_replicas: int | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.service = service
@@ -206,6 +227,7 @@ class ControlLoop:
         self.on_event = on_event
         self.drain_timeout_seconds = drain_timeout_seconds
         self.expected_batch_tokens = expected_batch_tokens
+        self.max_total_replicas = max_total_replicas
         self.clock = clock
         self._session: aiohttp.ClientSession | None = None
 
@@ -238,7 +260,7 @@ class ControlLoop:
         desired = await self.backend.desired_replicas()
         loads, status = await asyncio.gather(self._loads(refs), self._gateway_status())
         obs = observe(self.clock(), desired, loads, status, self.expected_batch_tokens)
-        decision = self.autoscaler.decide(obs)
+        decision = cap_total(self.autoscaler.decide(obs), self.max_total_replicas)
         self.metrics.observe_fleet(Counter((r.pool.value, r.phase.value) for r in refs))
         self.metrics.observe_targets(
             {p.value: n for p, n in desired.items()}, {p.value: n for p, n in decision.targets.items()}
@@ -288,6 +310,4 @@ class ControlLoop:
 
 
 def _with_pool(load: InstanceLoad, pool: Pool) -> InstanceLoad:
-    from dataclasses import replace
-
     return replace(load, pool=pool)
