@@ -43,6 +43,11 @@ def matches(labels: dict[str, str], selector: str) -> bool:
     return True
 
 
+def ready(pod: dict[str, Any]) -> bool:
+    conditions = pod.get("status", {}).get("conditions", []) or []
+    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
+
+
 class Cluster(ApiServer):
     """ApiServer (test_operator.py) plus label-selected LIST and pods."""
 
@@ -89,8 +94,9 @@ class Controllers:
         self.stop_pod = stop_pod
         self.ips = (f"127.0.0.{n}" for n in itertools.count(2))
         self.created: dict[str, int] = {}
-        # Pod names in the order the controller deleted them.
+        # Ready pod names in the order the controller deleted them (and those deleted unready).
         self.deleted: list[str] = []
+        self.deleted_unready: list[str] = []
 
     async def sync_once(self) -> None:
         pods = live(self.server, "v1/pods")
@@ -105,12 +111,12 @@ class Controllers:
             for pod in sorted(owned, key=self.deletion_rank)[: max(0, len(owned) - want)]:
                 pod_name = pod["metadata"]["name"]
                 await call(self.url, "DELETE", f"/api/v1/namespaces/{NS}/pods/{pod_name}")
-                self.deleted.append(pod_name)
+                (self.deleted if ready(pod) else self.deleted_unready).append(pod_name)
                 await self.stop_pod(pod_name)
-            ready = min(want, len(owned))
+            ready_count = min(want, len(owned))
             status = {
                 "replicas": want,
-                "readyReplicas": ready,
+                "readyReplicas": ready_count,
                 "updatedReplicas": want,
                 "observedGeneration": 1,
             }
@@ -118,12 +124,12 @@ class Controllers:
                 path = f"/apis/apps/v1/namespaces/{NS}/deployments/{name}/status"
                 await call(self.url, "PATCH", path, {"status": status}, merge=True)
 
-    def deletion_rank(self, pod: dict[str, Any]) -> tuple[int, int]:
-        """ReplicaSet scale-in order (all pods here are ready): lower deletion cost first, then
-        the newer pod."""
+    def deletion_rank(self, pod: dict[str, Any]) -> tuple[bool, int, int]:
+        """ReplicaSet scale-in order: not-ready pods first, then lower deletion cost, then the
+        newer pod."""
         meta = pod["metadata"]
         cost = int((meta.get("annotations") or {}).get(DELETION_COST, "0"))
-        return cost, -self.created[meta["name"]]
+        return ready(pod), cost, -self.created[meta["name"]]
 
     async def _create_pod(self, deployment: str, dep: dict[str, Any]) -> None:
         template = dep["spec"]["template"]
