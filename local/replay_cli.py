@@ -106,9 +106,15 @@ def main(args: argparse.Namespace) -> int:
             in_flight += int(live.get("interactive_queue_depth", 0) or 0)
             samples.append((t, in_flight, sum(1 for i in insts if i.get("ready"))))
 
+    shown = [-1]
+
     def progress(done: int, total: int) -> None:
+        # Redraw only when the bar moves: a log file should get 40 updates, not one per request.
         width = 40
         filled = width * done // total
+        if filled == shown[0] and done != total:
+            return
+        shown[0] = filled
         sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total}")
         if done == total:
             sys.stderr.write("\n")

@@ -34,7 +34,7 @@ from slofleet.operator.control_loop import (
     autoscaler_from_spec,
     initial_replicas,
 )
-from slofleet.operator.render import ENGINE_EXTENSION_ARGS, vllm_args
+from slofleet.operator.render import ENGINE_EXTENSION_ARGS, local_autoscaler_args, vllm_args
 from slofleet.spec import LLMService, LLMServiceSpec
 from slofleet.tinymodel import SIZES, ensure_tiny_model
 
@@ -67,15 +67,6 @@ def local_engine_args(spec: LLMServiceSpec) -> list[str]:
         out.append(args[i])
         i += 1
     return out
-
-
-def local_sidecar_args(spec: LLMServiceSpec) -> list[str]:
-    """Chiron's local autoscaler runs in each sidecar, against the service's interactive SLO."""
-    if spec.autoscaling.policy != "chiron":
-        return []
-    slo = spec.slo.interactive
-    return ["--local-autoscaler", "--ttft-slo-seconds", str(slo.ttft_seconds),
-            "--itl-slo-ms", str(slo.itl_milliseconds)]  # fmt: skip
 
 
 @dataclass
@@ -230,7 +221,7 @@ class LocalUp:
             served_model_name=self.service.name,
             engine_args=local_engine_args(self.spec),
             sidecar_token=self.token,
-            sidecar_args=local_sidecar_args(self.spec),
+            sidecar_args=local_autoscaler_args(self.spec),
         )
         autoscaler = autoscaler_from_spec(self.spec)
         sidecars = SidecarClient(self.token)

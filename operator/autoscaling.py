@@ -143,6 +143,7 @@ class ServiceLoop:
             SidecarClient(token),
             gateway_endpoint(service.name, service.namespace),
             self.reporter.on_event,
+            max_total_replicas=service.spec.replicas.max,
         )
 
     async def tick(self, body: Mapping[str, Any]) -> float:

@@ -261,7 +261,16 @@ def _engine_container(spec: LLMServiceSpec, images: Images) -> dict[str, Any]:
     }
 
 
-def sidecar_args(pool: Pool = Pool.MIXED) -> list[str]:
+def local_autoscaler_args(spec: LLMServiceSpec) -> list[str]:
+    """Chiron's local autoscaler runs in each sidecar, against the service's interactive SLO."""
+    if spec.autoscaling.policy != "chiron":
+        return []
+    slo = spec.slo.interactive
+    return ["--local-autoscaler", "--ttft-slo-seconds", str(slo.ttft_seconds),
+            "--itl-slo-ms", str(slo.itl_milliseconds)]  # fmt: skip
+
+
+def sidecar_args(spec: LLMServiceSpec, pool: Pool = Pool.MIXED) -> list[str]:
     """`slofleet sidecar` beside the engine; $(POD_NAME) is expanded by the kubelet from the env."""
     return [
         "sidecar",
@@ -275,6 +284,7 @@ def sidecar_args(pool: Pool = Pool.MIXED) -> list[str]:
         str(SIDECAR_GRPC_PORT),
         "--metrics-port",
         str(SIDECAR_METRICS_PORT),
+        *local_autoscaler_args(spec),
     ]
 
 
@@ -309,7 +319,7 @@ def _sidecar_container(service: LLMService, images: Images, pool: Pool) -> dict[
     return {
         "name": "sidecar",
         "image": images.slofleet,
-        "args": sidecar_args(pool),
+        "args": sidecar_args(service.spec, pool),
         "env": env,
         "ports": [
             {"name": "grpc", "containerPort": SIDECAR_GRPC_PORT, "protocol": "TCP"},
@@ -412,9 +422,10 @@ def render_gateway_deployment(service: LLMService, images: Images) -> dict[str, 
             "gateway",
             "--port",
             str(GATEWAY_HTTP_PORT),
-            # The engine pods' headless Service: the gateway learns each instance's load from
-            # its sidecar's WatchLoad stream.
-            "--sidecar",
+            # The engine pods' headless Service: every address it resolves to is one instance's
+            # sidecar, re-resolved as pods come and go; the gateway learns each instance's load
+            # from its sidecar's WatchLoad stream.
+            "--sidecar-dns",
             f"{engine_name(service)}.{service.namespace}.svc:{SIDECAR_GRPC_PORT}",
             "--sidecar-token-file",
             f"{GATEWAY_TOKEN_DIR}/token",

@@ -17,4 +17,5 @@ for _ in $(seq 600); do
 done
 grep "ready in" "$state/up.log"
 .venv/bin/slofleet status --state-dir "$state"
-.venv/bin/slofleet replay --state-dir "$state" --trace azure-conv --start 600 --duration 120 "$@"
+# Half the trace's rate: what two vLLM CPU instances of the tiny model serve within the SLO on 2 cores.
+.venv/bin/slofleet replay --state-dir "$state" --trace azure-conv --start 600 --duration 120 --load 0.5 "$@"

@@ -178,7 +178,7 @@ def test_sidecar_token_reaches_sidecar_and_gateway(sidecar: dict[str, Any], secr
     args = containers(gateway)["gateway"]["args"]
     mount = next(m for m in containers(gateway)["gateway"]["volumeMounts"] if m["name"] == "token")
     assert args[args.index("--sidecar-token-file") + 1] == f"{mount['mountPath']}/token"
-    assert args[args.index("--sidecar") + 1] == f"svc-engine.ns.svc:{SIDECAR_GRPC_PORT}"
+    assert args[args.index("--sidecar-dns") + 1] == f"svc-engine.ns.svc:{SIDECAR_GRPC_PORT}"
 
 
 def test_commands_parse_with_the_real_clis() -> None:
