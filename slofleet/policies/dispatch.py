@@ -19,11 +19,11 @@ local autoscaler's limit is a hard bound, not a weight.
 from __future__ import annotations
 
 import enum
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from slofleet.instance import InstanceLoad, RequestClass
+from slofleet.policies.freeness import blocks_for_tokens
 
 
 class DispatchPolicy(enum.StrEnum):
@@ -70,7 +70,8 @@ class Decision:
 
 
 def blocks_for(tokens: int, block_size: int) -> int:
-    return math.ceil(max(tokens, 0) / max(block_size, 1))
+    """freeness.blocks_for_tokens, tolerating the 0 block size of a load not yet known."""
+    return blocks_for_tokens(tokens, max(block_size, 1))
 
 
 def eligible(load: InstanceLoad, request_class: RequestClass, params: DispatchParams) -> bool:
