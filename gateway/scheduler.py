@@ -128,7 +128,12 @@ class Scheduler:
         """A slot for `p`, waiting in the priority queue if needed; 429 when the queue is full.
 
         `new=False` (a request being resumed) bypasses the bound: it was accepted already.
+        `exclude` is a preference: when it would leave no instance of the model (a one-instance
+        fleet whose engine stumbled), the request waits for the excluded ones to be healthy again
+        rather than failing an accepted request with 503.
         """
+        if exclude and not self.pool.loads(p.model, exclude):
+            exclude = frozenset()
         if not self._waiters:
             inst = self._place(p, exclude, engine_request_id)
             if inst is not None:
