@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from slofleet.sidecar.migration import DEFAULT_KV_CONTROL_SOCKET
 from slofleet.sidecar.weightstore import DEFAULT_ROOT as DEFAULT_WEIGHT_STORE
 
 if TYPE_CHECKING:
@@ -50,6 +51,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--weight-store", default=os.environ.get("SLOFLEET_WEIGHT_STORE", DEFAULT_WEIGHT_STORE),
         help="host weight store folder (pod shared memory) for layer drop/restore (default: %(default)s)",
     )  # fmt: skip
+    parser.add_argument(
+        "--kv-control-socket",
+        default=os.environ.get("SLOFLEET_KV_CONTROL_SOCKET", DEFAULT_KV_CONTROL_SOCKET),
+        help="the engine's KV connector control socket (the control_socket of its --kv-transfer-config); "
+        "'' turns live migration off (default: %(default)s)",
+    )
     parser.add_argument("--log-level", default="INFO")
 
 
@@ -101,6 +108,7 @@ def run(args: argparse.Namespace) -> int:
                 else None
             ),
             weight_store_dir=args.weight_store,
+            kv_control_socket=args.kv_control_socket or None,
         )
     except ValueError as e:
         print(f"slofleet sidecar: {e}", file=sys.stderr)

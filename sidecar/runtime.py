@@ -28,6 +28,9 @@ from slofleet.sidecar.engine import EngineError, VllmEngine
 from slofleet.sidecar.exporter import SidecarMetrics
 from slofleet.sidecar.local_limit import LocalLimitController
 from slofleet.sidecar.memory.service import MemoryMetrics, MemoryService, add_memory_service
+from slofleet.sidecar.migration import DEFAULT_KV_CONTROL_SOCKET
+from slofleet.sidecar.migration.engine_link import KVControl
+from slofleet.sidecar.migration.service import MigrationMetrics, MigrationService, add_migration_service
 from slofleet.sidecar.service import BearerTokenInterceptor, ExpectedToken, HealthReporter, SidecarService
 from slofleet.sidecar.state import SidecarState
 from slofleet.sidecar.weightstore import DEFAULT_ROOT as DEFAULT_WEIGHT_STORE
@@ -61,6 +64,11 @@ class SidecarConfig:
     local_autoscaler: LocalAutoscalerConfig | None = None
     # The host weight store (shared memory of the pod) behind DropLayers/RestoreLayers/Standby.
     weight_store_dir: str = DEFAULT_WEIGHT_STORE
+    # The engine's KV connector control socket (its --kv-transfer-config names the same path, in the
+    # pod's shared /dev/shm): with it the sidecar serves the Migration service; None turns it off.
+    kv_control_socket: str | None = DEFAULT_KV_CONTROL_SOCKET
+    # Where migration segments live: shared memory both containers of the pod see.
+    migration_shm_dir: str = "/dev/shm"
 
     def __post_init__(self) -> None:
         if not self.token:
@@ -100,6 +108,16 @@ class Sidecar:
             peer_token=config.token,
             on_status=lambda status: self.state.set_layers_resident(status.layers_resident),
         )
+        self.migration = (
+            MigrationService(
+                KVControl(config.kv_control_socket, config.engine_url),
+                shm_dir=config.migration_shm_dir,
+                metrics=MigrationMetrics(self.metrics.registry),
+                peer_token=config.token,
+            )
+            if config.kv_control_socket
+            else None
+        )
         self.grpc_port = 0
         self.metrics_port = 0
         self._server: grpc.aio.Server | None = None
@@ -122,6 +140,8 @@ class Sidecar:
         pb_grpc.add_SidecarServicer_to_server(self.service, server)
         await self.memory.start()
         add_memory_service(server, self.memory)
+        if self.migration is not None:
+            add_migration_service(server, self.migration)
         self.health.add_to(server)
         self.grpc_port = server.add_insecure_port(f"{cfg.grpc_host}:{cfg.grpc_port}")
         if self.grpc_port == 0:

@@ -113,6 +113,7 @@ class MigrationService(pb_grpc.MigrationServicer):
         max_inbound_bytes: int = 2 << 30,
         inbound_ttl_seconds: float = 300.0,
         channel_credentials: grpc.ChannelCredentials | None = None,
+        peer_token: str | None = None,
     ) -> None:
         self.control = control
         self.shm_dir = Path(shm_dir)
@@ -121,6 +122,8 @@ class MigrationService(pb_grpc.MigrationServicer):
         self.max_inbound_bytes = max_inbound_bytes
         self.inbound_ttl_seconds = inbound_ttl_seconds
         self._credentials = channel_credentials
+        # Peers are sidecars of the same service, whose gRPC port wants the service's bearer token.
+        self._metadata = (("authorization", f"Bearer {peer_token}"),) if peer_token else None
         self._inbound: dict[str, _Inbound] = {}
         self._resolutions: dict[str, _Resolution] = {}
         self._layout: seg.KVLayout | None = None
@@ -186,6 +189,7 @@ class MigrationService(pb_grpc.MigrationServicer):
                             current_blocks=math.ceil(info["num_tokens"] / layout.block_size),
                         ),
                         timeout=10,
+                        metadata=self._metadata,
                     )
                 except grpc.aio.AioRpcError as e:
                     raise _Aborted(
@@ -242,6 +246,7 @@ class MigrationService(pb_grpc.MigrationServicer):
                     commit = await peer.CommitMigration(
                         pb.CommitMigrationRequest(migration_id=mid, valid_blocks=sent, token_ids=tokens),
                         timeout=10,
+                        metadata=self._metadata,
                     )
                 except grpc.aio.AioRpcError as e:
                     raise _Aborted(Outcome.MIGRATION_OUTCOME_RECOMPUTE, f"tail copy: {e.details()}") from e
@@ -270,7 +275,9 @@ class MigrationService(pb_grpc.MigrationServicer):
                     resolution.target_instance = ""
                 resolution.done.set()
             with contextlib.suppress(grpc.aio.AioRpcError):
-                await peer.AbortMigration(pb.AbortMigrationRequest(migration_id=mid), timeout=5)
+                await peer.AbortMigration(
+                    pb.AbortMigrationRequest(migration_id=mid), timeout=5, metadata=self._metadata
+                )
             log.warning("migration %s of %s: %s: %s", mid, req.request_id, Outcome.Name(outcome), message)
         finally:
             seg.remove(path)
@@ -318,7 +325,7 @@ class MigrationService(pb_grpc.MigrationServicer):
                 data = await asyncio.to_thread(seg.read_blocks, path, layout, start, n)
                 yield pb.KVChunk(migration_id=mid, first_block=start, num_blocks=n, data=data)
 
-        await peer.PushKV(chunks(), timeout=60)
+        await peer.PushKV(chunks(), timeout=60, metadata=self._metadata)
         return count * layout.block_bytes
 
     async def ResolveMigration(

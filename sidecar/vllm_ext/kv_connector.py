@@ -554,7 +554,9 @@ def _serve(connector: SlofleetMigrationConnector, path: str) -> _ControlServer:
     Path(path).unlink(missing_ok=True)
     server = _ControlServer(path, _Handler)
     server.connector = connector
-    os.chmod(path, 0o600)
+    # Owner and group: the sidecar container may run as another user that shares the pod's volume
+    # group (fsGroup); nobody else on the host.
+    os.chmod(path, 0o660)
     threading.Thread(target=server.serve_forever, name="slofleet-kv-control", daemon=True).start()
     logger.info("slofleet KV connector control socket at %s", path)
     return server
