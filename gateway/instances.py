@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from urllib.parse import urlsplit
 
@@ -24,6 +24,20 @@ log = logging.getLogger("slofleet.gateway.instances")
 
 _CACHE_INFO = re.compile(r"^vllm:cache_config_info\{(?P<labels>[^}]*)\}", re.M)
 _LABEL = re.compile(r'(\w+)="([^"]*)"')
+
+
+@dataclass(frozen=True, slots=True)
+class MigrationResolution:
+    """Where a request the engine stopped continues, as the source's sidecar decided (Llumnix cut-over).
+
+    `how` is "kv" (resume on `target` with `kv_transfer_params`: the copied prefix is loaded, not
+    recomputed), "recompute" (resume anywhere by re-prefill) or "none" (no migration stopped it: the
+    stop was a real abort and the client gets it).
+    """
+
+    how: str
+    target: str = ""
+    kv_transfer_params: dict[str, object] | None = None
 
 
 @dataclass
@@ -45,6 +59,9 @@ class Instance:
     tracked: dict[str, RequestInfo] = field(default_factory=dict)
     # Called with ("admitted"|"finished", RequestInfo): the sidecar reporter in sidecar mode.
     report: Callable[[str, RequestInfo], None] | None = None
+    # Asks the sidecar where a request it stopped for migration went, by engine request id
+    # (sidecar mode only; None in static mode, where an engine's abort reaches the client as is).
+    resolve_migration: Callable[[str], Awaitable[MigrationResolution]] | None = None
 
     @property
     def ready(self) -> bool:

@@ -6,7 +6,12 @@ has relayed. When the instance dies, the connection breaks or a move is requeste
 continues on the target with prompt = prompt ids + tokens already relayed and the remaining
 `max_tokens`, through `/v1/completions` whatever the client's route (a chat prompt is already
 templated into the ids); the client sees one unbroken stream with no token twice or missing.
-Live migration (KV pre-copy) will cut over through `move()`: it only makes the next prefill cheap.
+Live migration cuts over on the same path: the source's sidecar stops the request on its engine
+(the stream ends with finish_reason "abort"), the relay asks that sidecar's `ResolveMigration`
+where it went and resumes there with the `kv_transfer_params` naming the copied KV (only the last
+partial block is recomputed), or by recompute anywhere if the copy failed. A stop that no
+migration explains reaches the client as the engine's abort. Static mode has no sidecars and no
+cut-over: an engine's abort is relayed as is. `move()` is the same cut-over without a KV copy.
 
 Limits of a resume by recompute: seeded sampling restarts its RNG, and presence/frequency
 penalties see the earlier output as prompt; greedy and unseeded sampling are unaffected.
@@ -25,7 +30,7 @@ from typing import Any
 import aiohttp
 
 from slofleet.gateway.errors import ApiError
-from slofleet.gateway.instances import Instance, InstancePool
+from slofleet.gateway.instances import Instance, InstancePool, MigrationResolution
 from slofleet.gateway.metrics import GatewayMetrics
 from slofleet.gateway.scheduler import Placement, Scheduler
 from slofleet.gateway.validate import ParsedRequest
@@ -52,7 +57,13 @@ _TOKEN_FIELDS = re.compile(rb',"(?:prompt_token_ids|token_ids)":(?:null|\[[0-9,]
 
 
 class InstanceLost(Exception):
-    """The instance stopped answering for this request (crash, broken connection, 5xx)."""
+    """The request must continue elsewhere: the instance stopped answering (crash, broken
+    connection, 5xx; `failed`), or a migration's KV copy failed after the stop (not `failed`: the
+    instance is fine and stays in dispatch)."""
+
+    def __init__(self, message: str, *, failed: bool = True) -> None:
+        super().__init__(message)
+        self.failed = failed
 
 
 class MoveRequested(Exception):
@@ -89,6 +100,10 @@ class RequestState:
     move_target: Instance | None = None
     move_engine_id: str = ""
     upstream: aiohttp.ClientResponse | None = None
+    # The engine ended the stream with "abort" on an instance with a sidecar: maybe a migration.
+    engine_stopped: bool = False
+    # The KV a migration copied to the next instance; sent once, with the next continuation.
+    kv_transfer_params: dict[str, object] | None = None
 
     @property
     def client_id(self) -> str:
@@ -146,8 +161,10 @@ class Relay:
                     await self.resume(state, current, sink)
                     return
                 except InstanceLost as exc:
-                    self.metrics.resumes.labels("instance_lost").inc()
-                    self.pool.mark_failed(current, str(exc))
+                    why = "instance_lost" if exc.failed else "migration_recompute"
+                    self.metrics.resumes.labels(why).inc()
+                    if exc.failed:
+                        self.pool.mark_failed(current, str(exc))
                     failed = current.instance_id
                     self.scheduler.release(current, state.engine_request_id, len(state.token_ids))
                     current = None
@@ -167,8 +184,9 @@ class Relay:
                     self.metrics.resumes.labels("move").inc()
                     assert state.instance is not None
                     log.info(
-                        "request_id=%s event=move from=%s to=%s tokens_sent=%d",
+                        "request_id=%s event=move from=%s to=%s tokens_sent=%d with_kv=%s",
                         state.request_id, current.instance_id, mv.target.instance_id, len(state.token_ids),
+                        state.kv_transfer_params is not None,
                     )  # fmt: skip
                     self.scheduler.release(current, state.engine_request_id, len(state.token_ids))
                     current = mv.target
@@ -192,13 +210,53 @@ class Relay:
                 state is not None and state.instance is target,
             )  # fmt: skip
             return False
+        self._place_move(state, target)
+        if state.upstream is not None:
+            state.upstream.close()
+        return True
+
+    def _place_move(self, state: RequestState, target: Instance) -> None:
         state.placement.generated_tokens = len(state.token_ids)
         state.move_target = target
         state.move_engine_id = f"{state.request_id}-m{state.attempts}"
         self.scheduler.place_on(target, state.placement, state.move_engine_id)
-        if state.upstream is not None:
-            state.upstream.close()
-        return True
+
+    async def _cut_over(
+        self,
+        state: RequestState,
+        source: Instance,
+        resolve: Callable[[str], Awaitable[MigrationResolution]],
+        sink: Sink,
+    ) -> None:
+        """The engine stopped the request: continue where its sidecar's migration put it.
+
+        Raises MoveRequested (resume on the destination with the copied KV) or InstanceLost
+        (recompute elsewhere); returns only when no migration explains the stop, after telling the
+        client the request was aborted.
+        """
+        stopped, state.engine_stopped = state.engine_stopped, False
+        try:
+            res = await resolve(state.engine_request_id)
+        except ConnectionError as exc:
+            raise InstanceLost(f"stream stopped and the sidecar does not answer: {exc}") from exc
+        log.info(
+            "request_id=%s event=migration_cut_over engine_request_id=%s from=%s how=%s to=%s tokens_sent=%d",
+            state.request_id, state.engine_request_id, source.instance_id, res.how, res.target or "-",
+            len(state.token_ids),
+        )  # fmt: skip
+        if res.how == "kv":
+            target = self.pool.instances.get(res.target)
+            if target is not None and target.ready and target is not source:
+                state.kv_transfer_params = res.kv_transfer_params
+                self._place_move(state, target)
+                raise MoveRequested(target)
+            raise InstanceLost(f"migrated to {res.target!r}, which this gateway cannot use", failed=False)
+        if res.how == "recompute":
+            raise InstanceLost("the migration's KV copy failed after the stop", failed=False)
+        if not stopped:
+            raise InstanceLost("the engine's stream ended before the request finished")
+        state.finish_reason = "abort"
+        await self._emit(state, sink, "", [], "abort", None, None, None)
 
     def _upstream(self, state: RequestState, target: Instance) -> tuple[str, dict[str, Any]]:
         parsed = state.parsed
@@ -230,6 +288,8 @@ class Relay:
             return_token_ids=True,
             priority=state.priority,
         )
+        if state.kv_transfer_params is not None:
+            body["kv_transfer_params"] = state.kv_transfer_params
         return "/v1/completions", body
 
     async def resume(self, state: RequestState, target: Instance, sink: Sink) -> None:
@@ -237,6 +297,10 @@ class Relay:
         state.instance = target
         state.move_target = None
         route, body = self._upstream(state, target)
+        state.kv_transfer_params = None
+        # Captured now: the stop must be resolved with the sidecar that was there when it happened.
+        resolve = target.resolve_migration
+        state.engine_stopped = False
         if route == "/v1/completions" and body.get("max_tokens") is not None and body["max_tokens"] <= 0:
             state.finish_reason = "length"
             await self._emit(state, sink, "", [], "length", None, None, None)
@@ -262,7 +326,7 @@ class Relay:
                     if data == b"[DONE]":
                         done = True
                         break
-                    await self._relay(state, data, sink, continuation)
+                    await self._relay(state, data, sink, continuation, resolve is not None)
         except (aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
             if state.move_target is not None:
                 raise MoveRequested(state.move_target) from exc
@@ -272,10 +336,15 @@ class Relay:
             state.upstream = None
         if state.move_target is not None and state.finish_reason is None:
             raise MoveRequested(state.move_target)
+        if resolve is not None and state.finish_reason is None and (state.engine_stopped or not done):
+            await self._cut_over(state, target, resolve, sink)
+            return
         if not done and state.finish_reason is None:
             raise InstanceLost("the engine's stream ended before the request finished")
 
-    async def _relay(self, state: RequestState, data: bytes, sink: Sink, continuation: bool) -> None:
+    async def _relay(
+        self, state: RequestState, data: bytes, sink: Sink, continuation: bool, stoppable: bool = False
+    ) -> None:
         obj = json.loads(data)
         if "error" in obj:
             err = obj["error"] if isinstance(obj["error"], dict) else {"message": str(obj["error"])}
@@ -293,6 +362,11 @@ class Relay:
                 state.prompt_ids = list(pids)
         tokens = ch.get("token_ids") or []
         finish = ch.get("finish_reason")
+        # On an instance with a sidecar an abort may be a migration's stop: held until resolved.
+        held = stoppable and finish == "abort"
+        if held:
+            state.engine_stopped = True
+            finish = None
         if state.parsed.kind == "chat" and not continuation:
             delta = ch.get("delta") or {}
             if "role" in delta:
@@ -312,7 +386,7 @@ class Relay:
         if finish is not None:
             state.finish_reason = finish
             state.stop_reason = ch.get("stop_reason")
-        if state.attempts == 1 and not continuation:
+        if state.attempts == 1 and not continuation and not held:
             # First attempt: the engine's id is ours and its chunk has the client's shape already.
             state.created = obj.get("created", state.created)
             if tokens:

@@ -10,16 +10,17 @@ because only the gateway knows each request's future KV demand (max_tokens) for 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import grpc
 
 from slofleet.api.convert import load_from_pb, request_to_pb
-from slofleet.api.v1 import sidecar_pb2, sidecar_pb2_grpc
-from slofleet.gateway.instances import Instance, InstancePool, discover_engine
+from slofleet.api.v1 import migration_pb2, migration_pb2_grpc, sidecar_pb2, sidecar_pb2_grpc
+from slofleet.gateway.instances import Instance, InstancePool, MigrationResolution, discover_engine
 from slofleet.instance import RequestInfo
 
 log = logging.getLogger("slofleet.gateway.sidecar")
@@ -29,6 +30,38 @@ _KIND = {
     "finished": sidecar_pb2.RequestEvent.KIND_FINISHED,
 }
 Metadata = tuple[tuple[str, str], ...] | None
+_HOW = {
+    migration_pb2.ResolveMigrationReply.STATE_RESUME_WITH_KV: "kv",
+    migration_pb2.ResolveMigrationReply.STATE_RESUME_BY_RECOMPUTE: "recompute",
+}
+# How long the gateway waits for the source to finish the tail copy before resuming by recompute.
+RESOLVE_WAIT_SECONDS = 15.0
+
+
+def migration_resolver(
+    channel: grpc.aio.Channel, metadata: Metadata
+) -> Callable[[str], Awaitable[MigrationResolution]]:
+    """`Instance.resolve_migration` over the sidecar's Migration service (same channel and token).
+
+    A sidecar that does not answer raises ConnectionError: the relay treats the instance as lost.
+    """
+    stub = migration_pb2_grpc.MigrationStub(channel)
+
+    async def resolve(engine_request_id: str) -> MigrationResolution:
+        try:
+            reply = await stub.ResolveMigration(
+                migration_pb2.ResolveMigrationRequest(
+                    request_id=engine_request_id, wait_seconds=RESOLVE_WAIT_SECONDS
+                ),
+                metadata=metadata,
+                timeout=RESOLVE_WAIT_SECONDS + 5.0,
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise ConnectionError(f"ResolveMigration: {exc.code().name}: {exc.details()}") from exc
+        params = json.loads(reply.kv_transfer_params_json) if reply.kv_transfer_params_json else None
+        return MigrationResolution(_HOW.get(reply.state, "none"), reply.target_instance, params)
+
+    return resolve
 
 
 def reachable_engine_url(engine_url: str, sidecar_address: str) -> str:
@@ -101,6 +134,7 @@ async def watch_sidecar(
                 on_restart(inst.instance_id)
                 reporter = Reporter(inst)
                 inst.report = reporter.report
+                inst.resolve_migration = migration_resolver(channel, metadata)
                 reporter_task = asyncio.create_task(reporter.run(stub, metadata))
                 log.info("instance=%s event=sidecar_connected address=%s", inst.instance_id, address)
                 request = sidecar_pb2.WatchLoadRequest(interval_milliseconds=interval_ms)
@@ -122,6 +156,7 @@ async def watch_sidecar(
                 inst.healthy = False
                 inst.snapshot = None
                 inst.report = None
+                inst.resolve_migration = None
                 pool.changed()
         await asyncio.sleep(backoff)
         backoff = min(backoff * 2, 5.0)
