@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ import aiohttp
 from slofleet.fleet import InstanceRef, Phase
 from slofleet.instance import Pool
 from slofleet.local.processes import ManagedProcess, free_port
+from slofleet.operator.render import kv_transfer_config_args
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,6 +28,9 @@ class EngineLaunch:
     env: Mapping[str, str] = field(default_factory=dict)
     sidecar_token: str = ""
     sidecar_args: Sequence[str] = ()
+    # Live migration: each engine loads the KV connector on its own control socket, which its
+    # sidecar serves the Migration service on.
+    migration: bool = True
 
 
 class LocalInstance:
@@ -38,6 +43,9 @@ class LocalInstance:
         self.metrics_port = free_port()
         self.phase = Phase.STARTING
         self.draining = False
+        # Engines of one machine share /dev/shm: each instance's control socket has its own folder.
+        self.kv_socket_dir = Path("/dev/shm") / f"slofleet-{instance_id}-{self.engine_port}"
+        kv_socket = str(self.kv_socket_dir / "kv.sock") if launch.migration else ""
         env = {
             **os.environ,
             "HF_HUB_OFFLINE": "1",
@@ -59,6 +67,7 @@ class LocalInstance:
                 "127.0.0.1",
                 "--port",
                 str(self.engine_port),
+                *(kv_transfer_config_args(kv_socket) if kv_socket else []),
                 *launch.engine_args,
             ],
             log_dir / f"{instance_id}-engine.log",
@@ -82,6 +91,8 @@ class LocalInstance:
                 instance_id,
                 "--pool",
                 pool.value,
+                "--kv-control-socket",
+                kv_socket,
                 *launch.sidecar_args,
             ],
             log_dir / f"{instance_id}-sidecar.log",
@@ -133,3 +144,4 @@ class LocalInstance:
     async def stop(self) -> None:
         self.phase = Phase.STOPPING
         await asyncio.gather(self.sidecar.stop(), self.engine.stop())
+        shutil.rmtree(self.kv_socket_dir, ignore_errors=True)

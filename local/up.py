@@ -35,6 +35,7 @@ from slofleet.operator.control_loop import (
     initial_replicas,
 )
 from slofleet.operator.render import ENGINE_EXTENSION_ARGS, local_autoscaler_args, vllm_args
+from slofleet.operator.rescheduler import rescheduler_for
 from slofleet.spec import LLMService, LLMServiceSpec
 from slofleet.tinymodel import SIZES, ensure_tiny_model
 
@@ -222,6 +223,7 @@ class LocalUp:
             engine_args=local_engine_args(self.spec),
             sidecar_token=self.token,
             sidecar_args=local_autoscaler_args(self.spec),
+            migration=self.spec.migration.enabled,
         )
         autoscaler = autoscaler_from_spec(self.spec)
         sidecars = SidecarClient(self.token)
@@ -248,6 +250,7 @@ class LocalUp:
                 loop = ControlLoop(
                     self.service.name, fleet, autoscaler, sidecars, self.state.gateway_url, self._on_event,
                     max_total_replicas=self.spec.replicas.max,
+                    rescheduler=rescheduler_for(self.service.name, self.spec, self.token, self._on_event),
                 )  # fmt: skip
                 try:
                     await loop.run(float(self.spec.autoscaling.interval_seconds), self.stop_event)

@@ -29,6 +29,7 @@ from slofleet.operator.control_loop import ControlLoop, LoopEvent, SidecarClient
 from slofleet.operator.fleet_k8s import KubernetesFleet
 from slofleet.operator.kube import LLMSERVICE, ApiError, KubeClient
 from slofleet.operator.render import engine_pools, gateway_endpoint, sidecar_token_ref
+from slofleet.operator.rescheduler import rescheduler_for
 from slofleet.operator.status import pools_status, scale_status
 from slofleet.operator.tokens import TokenUnavailable, derive_token, read_user_token
 from slofleet.policies.global_autoscaler import ScaleDecision
@@ -64,7 +65,7 @@ def may_decide(status: Mapping[str, Any] | None) -> bool:
 def scaling_inputs(service: LLMService) -> tuple[Any, ...]:
     """What the ControlLoop is built from; a change rebuilds it (and restarts the policy state)."""
     spec = service.spec
-    return (service.uid, spec.replicas, spec.pools, spec.autoscaling, spec.sidecar)
+    return (service.uid, spec.replicas, spec.pools, spec.autoscaling, spec.sidecar, spec.migration)
 
 
 class StatusReporter:
@@ -136,14 +137,16 @@ class ServiceLoop:
         await self.close()
         token = await sidecar_token(self.kube, service, self.token_key)
         self.reporter = StatusReporter(self.kube, service.namespace, service.name, self.emit)
+        name = f"{service.namespace}/{service.name}"
         self.loop = ControlLoop(
-            f"{service.namespace}/{service.name}",
+            name,
             KubernetesFleet(self.kube, service.namespace, service.name, engine_pools(service.spec)),
             autoscaler_from_spec(service.spec),
             SidecarClient(token),
             gateway_endpoint(service.name, service.namespace),
             self.reporter.on_event,
             max_total_replicas=service.spec.replicas.max,
+            rescheduler=rescheduler_for(name, service.spec, token, self.reporter.on_event),
         )
 
     async def tick(self, body: Mapping[str, Any]) -> float:

@@ -19,6 +19,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import aiohttp
 import grpc
@@ -40,6 +41,9 @@ from slofleet.policies.global_autoscaler import (
 )
 from slofleet.spec import LLMServiceSpec
 
+if TYPE_CHECKING:
+    from slofleet.operator.rescheduler import Rescheduler
+
 log = logging.getLogger("slofleet.operator.control_loop")
 
 
@@ -47,7 +51,7 @@ log = logging.getLogger("slofleet.operator.control_loop")
 class LoopEvent:
     """Something the loop did that a person watching the service should see."""
 
-    kind: str  # "scale" | "replace" | "drain"
+    kind: str  # "scale" | "replace" | "drain" | "migrate"
     reason: str
     message: str
     decision: ScaleDecision | None = None
@@ -215,6 +219,7 @@ class ControlLoop:
         expected_batch_tokens: float = 256.0,
         max_total_replicas: int | None = None,
         clock: Callable[[], float] = time.time,
+        rescheduler: Rescheduler | None = None,
     ) -> None:
         self.service = service
         # `service` is "namespace/name" in a cluster and "name" locally; metrics label both apart.
@@ -229,6 +234,8 @@ class ControlLoop:
         self.expected_batch_tokens = expected_batch_tokens
         self.max_total_replicas = max_total_replicas
         self.clock = clock
+        # Live migration (Llumnix): rebalances every step and empties scale-in victims first.
+        self.rescheduler = rescheduler
         self._session: aiohttp.ClientSession | None = None
 
     async def _gateway_status(self) -> Mapping[str, object] | None:
@@ -266,18 +273,28 @@ class ControlLoop:
             {p.value: n for p, n in desired.items()}, {p.value: n for p, n in decision.targets.items()}
         )
         by_id = {r.instance_id: r for r in refs}
+        if self.rescheduler is not None:
+            victims_all = {v for vs in decision.scale_in.values() for v in vs}
+            self.rescheduler.step(loads, by_id, victims_all)
         for pool, target in decision.targets.items():
             if pool not in self.autoscaler.pools and target == 0 and desired.get(pool, 0) == 0:
                 continue
             victims = decision.scale_in.get(pool, ())
             if victims:
-                drained = await asyncio.gather(
-                    *(self.sidecars.drain(by_id[v].sidecar_address, self.drain_timeout_seconds)
-                      for v in victims if v in by_id)
+                # The sidecars' Drain keeps new requests away while the rescheduler moves the running
+                # ones out; Drain's bounded wait is the fallback for what could not move.
+                moved, drained = await asyncio.gather(
+                    self._migrate_out(victims, loads, by_id),
+                    asyncio.gather(
+                        *(self.sidecars.drain(by_id[v].sidecar_address, self.drain_timeout_seconds)
+                          for v in victims if v in by_id)
+                    ),
                 )  # fmt: skip
                 for ok in drained:
                     self.metrics.drained(ok)
-                await self.on_event(LoopEvent("drain", "ScaleIn", f"drained {list(victims)}: {drained}"))
+                await self.on_event(
+                    LoopEvent("drain", "ScaleIn", f"drained {list(victims)}: {drained}; migrations: {moved}")
+                )
             await self.backend.set_replicas(pool, target, remove_first=victims)
         if decision.changed:
             await self.on_event(LoopEvent("scale", "Autoscaled", decision.summary(), decision))
@@ -287,6 +304,11 @@ class ControlLoop:
                 LoopEvent("replace", "InstanceFailed", f"instance {ref.instance_id} failed; replaced")
             )
         return decision
+
+    async def _migrate_out(
+        self, victims: Sequence[str], loads: Sequence[InstanceLoad], by_id: Mapping[str, InstanceRef]
+    ) -> dict[str, int]:
+        return await self.rescheduler.drain(victims, loads, by_id) if self.rescheduler is not None else {}
 
     async def run(self, interval_seconds: float, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -304,6 +326,8 @@ class ControlLoop:
                 pass
 
     async def close(self) -> None:
+        if self.rescheduler is not None:
+            await self.rescheduler.close()
         if self._session is not None:
             await self._session.close()
             self._session = None

@@ -81,6 +81,12 @@ class OperatorMetrics:
             [*scope, "result"],
             registry=r,
         )
+        self.migrations = Counter(
+            "slofleet_operator_migrations",
+            "Live request migrations the control loop started, by policy reason and outcome.",
+            [*scope, "reason", "outcome"],
+            registry=r,
+        )
         self.replacements = Counter(
             "slofleet_operator_instance_replacements",
             "Failed instances that the control loop replaced.",
@@ -119,6 +125,9 @@ class LoopMetrics:
 
     def drained(self, ok: bool) -> None:
         self._m.drains.labels(*self._scope, "drained" if ok else "timed_out").inc()
+
+    def migrated(self, reason: str, outcome: str) -> None:
+        self._m.migrations.labels(*self._scope, reason, outcome).inc()
 
 
 METRICS = OperatorMetrics()

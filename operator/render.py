@@ -22,6 +22,7 @@ Service, the PDB and the NetworkPolicy select every engine pod, whatever its poo
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -191,6 +192,33 @@ def desired_pool_replicas(spec: LLMServiceSpec, current: Mapping[Pool, int | Non
 ENGINE_EXTENSION_ARGS = ("--worker-extension-cls", "slofleet.sidecar.vllm_ext.worker.SlofleetWorkerExtension")
 
 
+# Live migration: vLLM loads slofleet's KV connector, which serves the sidecar on a Unix socket in the
+# pod's shared /dev/shm (the `dshm` volume both containers mount).
+KV_CONTROL_SOCKET = "/dev/shm/slofleet/kv.sock"
+KV_CONNECTOR = "SlofleetMigrationConnector"
+KV_CONNECTOR_MODULE = "slofleet.sidecar.vllm_ext.kv_connector"
+
+
+def kv_transfer_config_args(control_socket: str) -> list[str]:
+    """vLLM's `--kv-transfer-config` loading the migration connector on `control_socket`."""
+    config = {
+        "kv_connector": KV_CONNECTOR,
+        "kv_role": "kv_both",
+        "kv_connector_module_path": KV_CONNECTOR_MODULE,
+        "kv_connector_extra_config": {"control_socket": control_socket},
+    }
+    return ["--kv-transfer-config", json.dumps(config, separators=(",", ":"))]
+
+
+def migration_engine_args(spec: LLMServiceSpec, control_socket: str = KV_CONTROL_SOCKET) -> list[str]:
+    return kv_transfer_config_args(control_socket) if spec.migration.enabled else []
+
+
+def migration_sidecar_args(spec: LLMServiceSpec, control_socket: str = KV_CONTROL_SOCKET) -> list[str]:
+    """The sidecar serves the Migration service on the engine's socket, or not at all ('')."""
+    return ["--kv-control-socket", control_socket if spec.migration.enabled else ""]
+
+
 def vllm_args(spec: LLMServiceSpec, extra: Sequence[str] = ()) -> list[str]:
     """The vLLM server's arguments from the spec; `extra` goes before the user's spec.engine.args,
     which come last so that they win."""
@@ -250,7 +278,7 @@ def _engine_container(spec: LLMServiceSpec, images: Images) -> dict[str, Any]:
         "name": "engine",
         "image": images.engine_for(spec),
         "command": ["python3", "-m", "vllm.entrypoints.openai.api_server"],
-        "args": vllm_args(spec, ENGINE_EXTENSION_ARGS),
+        "args": vllm_args(spec, [*ENGINE_EXTENSION_ARGS, *migration_engine_args(spec)]),
         "env": engine_env(spec),
         "ports": [{"name": "http", "containerPort": ENGINE_HTTP_PORT, "protocol": "TCP"}],
         "resources": {"requests": requests, "limits": limits},
@@ -285,6 +313,7 @@ def sidecar_args(spec: LLMServiceSpec, pool: Pool = Pool.MIXED) -> list[str]:
         "--metrics-port",
         str(SIDECAR_METRICS_PORT),
         *local_autoscaler_args(spec),
+        *migration_sidecar_args(spec),
     ]
 
 
@@ -369,6 +398,9 @@ def render_engine_deployment(
         # Time to drain: the sidecar migrates running requests away before the engine stops.
         "terminationGracePeriodSeconds": 120,
         "enableServiceLinks": False,
+        # Volumes (the shared /dev/shm) belong to this group: the sidecar (uid 10001) reaches the
+        # engine's KV control socket and migration segments through it, whatever user vLLM runs as.
+        "securityContext": {"fsGroup": 10001},
     }
     if spec.engine.resources.gpu > 0:
         pod_spec["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]

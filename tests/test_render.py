@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -366,3 +367,34 @@ def test_render_cli_prints_every_object(tmp_path: Path) -> None:
         [sys.executable, "-m", "slofleet.cli", "render", "-f", str(bad)], capture_output=True, text=True
     )
     assert result.returncode == 2 and "spec.engine.resources.gpu: must be >= 0" in result.stderr
+
+
+def _arg(args: list[str], flag: str) -> str:
+    return args[args.index(flag) + 1]
+
+
+def test_engine_and_sidecar_share_the_kv_control_socket_for_migration() -> None:
+    pod = by_kind(render_all(service(), IMAGES))[("Deployment", "svc-engine")]["spec"]["template"]["spec"]
+    c = containers({"spec": {"template": {"spec": pod}}})
+    kv = json.loads(_arg(c["engine"]["args"], "--kv-transfer-config"))
+    socket = kv["kv_connector_extra_config"]["control_socket"]
+    assert kv["kv_connector"] == "SlofleetMigrationConnector" and kv["kv_role"] == "kv_both"
+    assert kv["kv_connector_module_path"] == "slofleet.sidecar.vllm_ext.kv_connector"
+    assert _arg(c["sidecar"]["args"], "--kv-control-socket") == socket
+    # Both containers see the socket's folder on the same pod-local shared memory volume.
+    dshm = next(v for v in pod["volumes"] if v["name"] == "dshm")
+    assert dshm["emptyDir"]["medium"] == "Memory"
+    for name in ("engine", "sidecar"):
+        mounts = {m["mountPath"]: m["name"] for m in c[name]["volumeMounts"]}
+        assert mounts["/dev/shm"] == "dshm" and socket.startswith("/dev/shm/")
+    # The sidecar's user reaches the socket through the volume's group.
+    assert pod["securityContext"]["fsGroup"] == c["sidecar"]["securityContext"]["runAsUser"]
+    # The engine aborts a migrated request through its dev-mode endpoint.
+    assert {"name": "VLLM_SERVER_DEV_MODE", "value": "1"} in c["engine"]["env"]
+
+
+def test_migration_disabled_renders_no_connector_and_no_migration_service() -> None:
+    objs = by_kind(render_all(service(migration={"enabled": False}), IMAGES))
+    c = containers(objs[("Deployment", "svc-engine")])
+    assert "--kv-transfer-config" not in c["engine"]["args"]
+    assert _arg(c["sidecar"]["args"], "--kv-control-socket") == ""
