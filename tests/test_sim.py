@@ -12,8 +12,8 @@ import pytest
 from slofleet.calibration import EngineCalibration, builtin_names, load_calibration
 from slofleet.cli import main
 from slofleet.instance import Pool
-from slofleet.policies.baselines import StaticAutoscaler
-from slofleet.policies.global_autoscaler import ChironAutoscaler
+from slofleet.policies.baselines import HpaConfig, StaticAutoscaler, UtilizationAutoscaler
+from slofleet.policies.global_autoscaler import ChironAutoscaler, PoolBounds
 from slofleet.sim.simulator import SimConfig, Simulator, SloSpec
 from slofleet.sim.traces import Trace, load_trace, shape
 from slofleet.sim.workload import make_batch_jobs
@@ -220,3 +220,40 @@ def test_dispatch_index_gives_the_same_choices_as_dispatch_over_the_whole_fleet(
         results.append(Simulator(base, (), StaticAutoscaler(8), cfg).run())
     assert np.array_equal(results[0].ttft, results[1].ttft)
     assert np.array_equal(results[0].itl, results[1].itl)
+
+
+# Metrics of fixed seeded runs as the simulator produced them before its speed-ups (commit 225b6a1):
+# optimizations of the event loop must not change a single result.
+PINNED = {
+    "static": (7574, 7574, 1600, 0, 0, 1.0, 534.49443939278, 101.3944914618832),
+    "static-small-kv": (7574, 4496, 1600, 3421, 0, 1.0, 82765.37209448376, 92.07529043380397),
+    "hpa": (7574, 3894, 1600, 0, 3, 2.9138888888888888, 31087.383581889902, 197.41273369798543),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PINNED))
+def test_results_are_pinned_across_simulator_optimizations(name: str) -> None:
+    base = shape(load_trace("azure-conv"), start_s=300, duration_s=120)
+    trace = shape(base, load_scale=14.0, seed=3)
+    jobs = make_batch_jobs(
+        jobs=2, requests_per_job=800, deadline_s=300, first_submit_s=0, last_submit_s=60,
+        lengths_from=base, seed=1,
+    )  # fmt: skip
+    cal = (
+        EngineCalibration(**{**json.loads(CAL.to_json()), "kv_capacity_tokens": 30_000})
+        if "kv" in name
+        else CAL
+    )
+    policy, initial = (
+        (UtilizationAutoscaler("running", 20.0, HpaConfig(bounds=PoolBounds(1, 30))), 4)
+        if name == "hpa"
+        else (StaticAutoscaler(10), 10)
+    )
+    r = Simulator(
+        trace, jobs, policy, SimConfig(calibration=cal, initial_replicas={Pool.MIXED: initial})
+    ).run()
+    got = (r.interactive_total, r.interactive_met, r.batch_on_time, r.preemptions, len(r.scale_events))
+    assert got == PINNED[name][:5]
+    assert r.gpu_hours == pytest.approx(PINNED[name][5], rel=1e-12)
+    assert float(r.ttft.sum()) == pytest.approx(PINNED[name][6], rel=1e-12)
+    assert float(r.itl.sum()) == pytest.approx(PINNED[name][7], rel=1e-12)

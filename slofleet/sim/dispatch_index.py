@@ -26,36 +26,38 @@ class FreenessIndex:
         # m = in_flight + 1 -> heap of (-free_blocks, instance_id, slot, version)
         self._buckets: dict[int, list[tuple[int, str, int, int]]] = {}
         self._version: dict[int, int] = {}
-        self._live: dict[int, tuple[int, str, int]] = {}
+        # slot -> (free blocks, instance id, in flight) of every eligible instance; read-only outside
+        # (the simulator compares with it to skip updates that change nothing)
+        self.live: dict[int, tuple[int, str, int]] = {}
         self._entries = 0
 
     def __len__(self) -> int:
-        return len(self._live)
+        return len(self.live)
 
     def update(self, slot: int, instance_id: str, free_blocks: int, in_flight: int, eligible: bool) -> None:
         """Record the instance's current state (`eligible`: it may take this class of request now)."""
-        live = self._live.get(slot)
+        live = self.live.get(slot)
         if (live == (free_blocks, instance_id, in_flight)) if eligible else live is None:
             return  # the entry in the heaps (or the absence of one) is still right
         v = self._version.get(slot, 0) + 1
         self._version[slot] = v
         if not eligible:
-            self._live.pop(slot, None)
+            self.live.pop(slot, None)
             return
-        self._live[slot] = (free_blocks, instance_id, in_flight)
+        self.live[slot] = (free_blocks, instance_id, in_flight)
         heapq.heappush(self._buckets.setdefault(in_flight + 1, []), (-free_blocks, instance_id, slot, v))
         self._entries += 1
-        if self._entries > 4 * len(self._live) + 64:
+        if self._entries > 4 * len(self.live) + 64:
             self._rebuild()
 
     def _rebuild(self) -> None:
         buckets: dict[int, list[tuple[int, str, int, int]]] = {}
-        for slot, (free, iid, in_flight) in self._live.items():
+        for slot, (free, iid, in_flight) in self.live.items():
             buckets.setdefault(in_flight + 1, []).append((-free, iid, slot, self._version[slot]))
         for heap in buckets.values():
             heapq.heapify(heap)
         self._buckets = buckets
-        self._entries = len(self._live)
+        self._entries = len(self.live)
 
     def best(self, demand_blocks: int) -> int | None:
         """Slot of the instance `dispatch.choose` would pick for a request of this demand."""

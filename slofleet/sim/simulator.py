@@ -183,14 +183,20 @@ class Inst:
         self.last_gen = 0.0
         self.last_preemptions = 0
         self.snapshot: InstanceLoad | None = None
-        self.dirty = False
+        # per request class: this instance changed since that class's dispatch index last read it
+        self.dirty = [False, False]
 
     def touch(self) -> None:
-        """The state changed: drop the cached snapshot and have the dispatch index re-read it."""
+        """The state changed: drop the cached snapshot and have the dispatch indexes re-read it
+        (each index lazily, at its next dispatch: an index that serves no request does no work)."""
         self.snapshot = None
-        if not self.dirty:
-            self.dirty = True
-            self.sim.dirty.append(self)
+        dirty = self.dirty
+        if not dirty[INTERACTIVE]:
+            dirty[INTERACTIVE] = True
+            self.sim.dirty[INTERACTIVE].append(self)
+        if not dirty[BATCH]:
+            dirty[BATCH] = True
+            self.sim.dirty[BATCH].append(self)
 
     # ---- state -------------------------------------------------------------------------------
     def kv_used(self) -> float:
@@ -265,26 +271,43 @@ class Inst:
         self.touch()
         run = self.run
         heap = self.heap
-        while heap and (heap[0][1] not in run or run[heap[0][1]].finish_step != heap[0][0]):
+        while heap:
+            fs, rid = heap[0]
+            head = run.get(rid)
+            if head is not None and head.finish_step == fs:
+                break
             heapq.heappop(heap)
         n = len(run)
         cal = self.cal
-        if self.pf is not None:
+        steps = self.steps
+        pf = self.pf
+        if pf is not None:
             # Full chunks until the last one, which carries only what is left of the prompt.
-            self.chunk = min(max(1.0, float(cal.max_batched_tokens - n)), max(self.pf_left, _EPS))
+            chunk = min(max(1.0, float(cal.max_batched_tokens - n)), max(self.pf_left, _EPS))
         else:
-            self.chunk = 0.0
-        ctx = self.sum_ctx0 + n * self.steps - self.sum_s0
-        self.dt = cal.step_s(n + self.chunk, ctx, n)
+            chunk = 0.0
+        self.chunk = chunk
+        ctx = self.sum_ctx0 + n * steps - self.sum_s0
+        # `cal.step_s(n + chunk, ctx, n)` inlined (the hottest call; same arithmetic, same order)
+        dt = (
+            cal.overhead_s
+            + max(cal.weight_read_s, (n + chunk) * cal.per_token_compute_s)
+            + ctx * cal.per_ctx_token_s
+            + n * cal.per_seq_s
+        )
+        self.dt = dt
         best = math.inf
-        if self.pf is not None:
-            best = max(1.0, math.floor(self.pf_left / self.chunk + _EPS))
+        if pf is not None:
+            best = max(1.0, math.floor(self.pf_left / chunk + _EPS))
         if heap:
-            best = min(best, heap[0][0] - self.steps)
+            best = min(best, heap[0][0] - steps)
         if n:
-            best = min(best, (cal.kv_capacity_tokens - self.kv_used()) / n)
+            best = min(best, (cal.kv_capacity_tokens - (ctx + self.pf_ctx)) / n)
         if best < math.inf:
-            self.sim.push(self.t_last + max(best, 0.0) * self.dt, 0, self.idx, self.version)
+            sim = self.sim
+            sim.seq += 1
+            t_next = self.t_last + max(best, 0.0) * dt
+            heapq.heappush(sim.events, (t_next, sim.seq, 0, self.idx, self.version))
 
     # ---- engine actions ----------------------------------------------------------------------
     def on_event(self, t: float) -> None:
@@ -345,17 +368,19 @@ class Inst:
         (vLLM's `--scheduling-policy priority`)."""
         if self.pf is not None:
             return
-        q = self.eq_i if self.eq_i else self.eq_b
+        q = self.eq_i or self.eq_b
         if not q:
             return
         r = q[0]
         need = r.prompt + r.done
         cap = self.cal.kv_capacity_tokens
-        while (len(self.run) >= self.cal.max_num_seqs or (self.kv_used() + need > cap and self.run)) and (
-            q is self.eq_i and any(x.cls == BATCH for x in self.run.values())
+        max_seqs = self.cal.max_num_seqs
+        run = self.run
+        while (len(run) >= max_seqs or (self.kv_used() + need > cap and run)) and (
+            q is self.eq_i and any(x.cls == BATCH for x in run.values())
         ):
             self._preempt_newest()
-        if len(self.run) >= self.cal.max_num_seqs or (self.kv_used() + need > cap and self.run):
+        if len(run) >= max_seqs or (run and self.kv_used() + need > cap):
             return
         q.popleft()
         self.pf = r
@@ -453,9 +478,10 @@ class Simulator:
         self.giq: deque[Req] = deque()
         self.gbq: list[tuple[float, int, Req]] = []
         self.gen_rate: dict[int, float] = {}
-        self.dirty: list[Inst] = []
+        self.dirty: tuple[list[Inst], list[Inst]] = ([], [])
         self.use_index = config.dispatch_index and config.dispatch is gateway_dispatch
         self.index = {INTERACTIVE: FreenessIndex(), BATCH: FreenessIndex()}
+        self.block_size = max(self.cal.block_size_tokens, 1)
         self.local_window_ticks = max(1, round(config.local_window_s / config.local_interval_s))
         self.interactive_pools = {Pool.INTERACTIVE, Pool.MIXED}
         self.batch_pools = {Pool.BATCH, Pool.MIXED}
@@ -522,29 +548,40 @@ class Simulator:
         pools = self.interactive_pools if r.cls == INTERACTIVE else self.batch_pools
         return [i.load() for i in self.live if i.ready and not i.draining and i.pool in pools]
 
-    def _reindex(self) -> None:
-        """Feed every instance changed since the last dispatch to the dispatch index."""
+    def _reindex(self, cls: int) -> None:
+        """Feed every instance changed since this class's last dispatch to its dispatch index
+        (the hot path of a big fleet: unchanged entries are skipped before calling the index)."""
         bs = self.cal.block_size_tokens
         total = self.cal.kv_capacity_tokens // bs
-        reserve = _DISPATCH_PARAMS.batch_reserve_slots
-        idx_i, idx_b = self.index[INTERACTIVE], self.index[BATCH]
-        for i in self.dirty:
-            i.dirty = False
-            up = i.ready and not i.draining and i.stop_t < 0
-            free = total - max(min(total, math.ceil(i.kv_used() / bs)), 0)
+        index = self.index[cls]
+        live = index.live
+        update = index.update
+        if cls == INTERACTIVE:
+            pools, reserve = self.interactive_pools, 0
+        else:
+            pools, reserve = self.batch_pools, _DISPATCH_PARAMS.batch_reserve_slots
+        dirty = self.dirty[cls]
+        for i in dirty:
+            i.dirty[cls] = False
             n = i.in_flight
-            idx_i.update(i.idx, i.iid, free, n, up and i.pool in self.interactive_pools and n < i.limit)
-            idx_b.update(i.idx, i.iid, free, n, up and i.pool in self.batch_pools and n < i.limit - reserve)
-        self.dirty.clear()
+            slot = i.idx
+            if i.ready and not i.draining and i.stop_t < 0 and i.pool in pools and n < i.limit - reserve:
+                kv = i.sum_ctx0 + len(i.run) * i.steps - i.sum_s0 + i.pf_ctx
+                free = total - max(min(total, math.ceil(kv / bs)), 0)
+                if live.get(slot) != (free, i.iid, n):
+                    update(slot, i.iid, free, n, True)
+            elif slot in live:
+                update(slot, i.iid, 0, n, False)
+        dirty.clear()
 
     def _dispatch(self, r: Req, t: float) -> bool:
         if self.use_index:
-            if self.dirty:
-                self._reindex()
-            demand = dispatch_policy.blocks_for(
-                r.prompt + r.done + max(r.output - r.done, 1), self.cal.block_size_tokens
-            )
-            slot = self.index[r.cls].best(demand)
+            cls = r.cls
+            if self.dirty[cls]:
+                self._reindex(cls)
+            # dispatch.blocks_for, inlined (hot): whole blocks of prompt + what is left to generate
+            demand = -(-max(0, r.prompt + r.done + max(r.output - r.done, 1)) // self.block_size)
+            slot = self.index[cls].best(demand)
             if slot is None:
                 return False
             self._admit(r, self.instances[slot], t)
@@ -840,13 +877,18 @@ class Simulator:
         rid = n_int
         t = 0.0
         inf = math.inf
+        # sentinels: no bounds checks in the loop
+        arr_tl.append(inf)
+        job_t = [j.submit_s for j in self.jobs] + [inf]
+        heappop = heapq.heappop
+        t_tick = min(next_local, next_control, next_sample)
+        # Order at equal times: ticks, then engine events, then arrivals, then batch jobs.
         while True:
-            t_arr = arr_tl[ai] if ai < n_int else inf
-            t_job = self.jobs[ji].submit_s if ji < len(self.jobs) else inf
+            t_arr = arr_tl[ai]
+            t_job = job_t[ji]
             t_ev = events[0][0] if events else inf
-            t_tick = min(next_local, next_control, next_sample)
-            t = min(t_arr, t_job, t_ev, t_tick)
-            if t == t_tick and t_tick <= min(t_arr, t_job, t_ev):
+            if t_tick <= t_ev and t_tick <= t_arr and t_tick <= t_job:
+                t = t_tick
                 done = ai >= n_int and ji >= len(self.jobs) and self.int_in_flight == 0
                 done = done and not self.giq and self.batch_done >= self.batch_total
                 if (done and t >= horizon) or t > horizon + cfg.max_overrun_s:
@@ -860,9 +902,11 @@ class Simulator:
                 if t == next_sample:
                     self.sample(t)
                     next_sample += cfg.sample_interval_s
+                t_tick = min(next_local, next_control, next_sample)
                 continue
-            if t == t_ev:
-                _, _, kind, idx, version = heapq.heappop(events)
+            if t_ev <= t_arr and t_ev <= t_job:
+                t = t_ev
+                _, _, kind, idx, version = heappop(events)
                 inst = instances[idx]
                 if inst.stop_t >= 0:
                     continue
@@ -875,11 +919,13 @@ class Simulator:
                 elif version == inst.version:
                     inst.on_event(t)
                 continue
-            if t == t_arr:
+            if t_arr <= t_job:
+                t = t_arr
                 r = Req(ai, INTERACTIVE, t, arr_p[ai], arr_o[ai], -1, inf)
                 ai += 1
                 self.arrive_interactive(r, t)
                 continue
+            t = t_job
             job = self.jobs[ji]
             for p, o in zip(job.prompt_tokens.tolist(), job.output_tokens.tolist(), strict=True):
                 r = Req(rid, BATCH, t, p, o, ji, job.deadline_s)
