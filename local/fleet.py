@@ -69,9 +69,11 @@ class LocalFleet:
             changed = await self._reap_failed(pool)
             members = [i for i in self._instances.values() if i.pool == pool]
             if len(members) > replicas:
+                # Unnamed removals take what serves least first: starting or failed, then parked.
+                rank = {Phase.READY: 2, Phase.STANDBY: 1}
                 order = sorted(
                     members,
-                    key=lambda i: (i.instance_id not in remove_first, i.phase == Phase.READY, i.instance_id),
+                    key=lambda i: (i.instance_id not in remove_first, rank.get(i.phase, 0), i.instance_id),
                 )
                 victims = order[: len(members) - replicas]
                 for victim in victims:
@@ -84,10 +86,21 @@ class LocalFleet:
         if changed:
             await self._notify()
 
+    async def set_standby(self, instance_id: str, since_s: float | None) -> None:
+        """Parked instances leave the gateway's instance list (it lists READY ones only) and come
+        back when woken; the process pair keeps running either way."""
+        inst = self._instances.get(instance_id)
+        if inst is None or inst.phase not in (Phase.READY, Phase.STANDBY):
+            return
+        inst.phase = Phase.READY if since_s is None else Phase.STANDBY
+        inst.standby_since_s = since_s
+        await self._notify()
+
     # internals --------------------------------------------------------------------------------
     def _mark_dead(self) -> None:
         for inst in self._instances.values():
-            if inst.phase in (Phase.READY, Phase.STARTING, Phase.DRAINING) and not inst.processes_alive():
+            alive_phases = (Phase.READY, Phase.STARTING, Phase.DRAINING, Phase.STANDBY)
+            if inst.phase in alive_phases and not inst.processes_alive():
                 log.warning(
                     "instance died",
                     extra={

@@ -46,6 +46,7 @@ class LocalInstance:
         # Engines of one machine share /dev/shm: each instance's control socket has its own folder.
         self.kv_socket_dir = Path("/dev/shm") / f"slofleet-{instance_id}-{self.engine_port}"
         kv_socket = str(self.kv_socket_dir / "kv.sock") if launch.migration else ""
+        self.standby_since_s: float | None = None
         env = {
             **os.environ,
             "HF_HUB_OFFLINE": "1",
@@ -111,6 +112,7 @@ class LocalInstance:
             engine_url=self.engine_url,
             sidecar_address=f"127.0.0.1:{self.grpc_port}",
             metrics_url=f"http://127.0.0.1:{self.metrics_port}/metrics",
+            standby_since_s=self.standby_since_s,
         )
 
     def start(self) -> None:

@@ -38,10 +38,12 @@ def main(args: argparse.Namespace) -> int:
         print("gateway: not answering (is `slofleet up` still running?)")
         return 1
     counters = state["counters"]
+    standby = sum(1 for i in state.get("instances", []) if i["phase"] == "standby")
     print(
         f"interactive queue {live.get('interactive_queue_depth', 0)}"
         f"  batch queue {live.get('batch_queue_depth', 0)}"
         f"  scale events {counters.get('scale_events', 0)}  replacements {counters.get('replacements', 0)}"
+        f"  standby {standby}"
     )
     loads = {i["instance_id"]: i for i in live.get("instances", [])}
     widths = ((28, "<"), (12, "<"), (9, "<"), (6, "<"), (9, ">"), (6, ">"), (9, ">"))

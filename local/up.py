@@ -36,6 +36,7 @@ from slofleet.operator.control_loop import (
 )
 from slofleet.operator.render import ENGINE_EXTENSION_ARGS, local_autoscaler_args, vllm_args
 from slofleet.operator.rescheduler import rescheduler_for
+from slofleet.operator.standby import standby_config
 from slofleet.spec import LLMService, LLMServiceSpec
 from slofleet.tinymodel import SIZES, ensure_tiny_model
 
@@ -251,6 +252,7 @@ class LocalUp:
                     self.service.name, fleet, autoscaler, sidecars, self.state.gateway_url, self._on_event,
                     max_total_replicas=self.spec.replicas.max,
                     rescheduler=rescheduler_for(self.service.name, self.spec, self.token, self._on_event),
+                    standby=standby_config(self.spec),
                 )  # fmt: skip
                 try:
                     await loop.run(float(self.spec.autoscaling.interval_seconds), self.stop_event)

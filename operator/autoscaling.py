@@ -30,6 +30,7 @@ from slofleet.operator.fleet_k8s import KubernetesFleet
 from slofleet.operator.kube import LLMSERVICE, ApiError, KubeClient
 from slofleet.operator.render import engine_pools, gateway_endpoint, sidecar_token_ref
 from slofleet.operator.rescheduler import rescheduler_for
+from slofleet.operator.standby import standby_config
 from slofleet.operator.status import pools_status, scale_status
 from slofleet.operator.tokens import TokenUnavailable, derive_token, read_user_token
 from slofleet.policies.global_autoscaler import ScaleDecision
@@ -65,7 +66,15 @@ def may_decide(status: Mapping[str, Any] | None) -> bool:
 def scaling_inputs(service: LLMService) -> tuple[Any, ...]:
     """What the ControlLoop is built from; a change rebuilds it (and restarts the policy state)."""
     spec = service.spec
-    return (service.uid, spec.replicas, spec.pools, spec.autoscaling, spec.sidecar, spec.migration)
+    return (
+        service.uid,
+        spec.replicas,
+        spec.pools,
+        spec.autoscaling,
+        spec.sidecar,
+        spec.migration,
+        spec.memory,
+    )
 
 
 class StatusReporter:
@@ -77,6 +86,7 @@ class StatusReporter:
         self.name = name
         self.emit = emit
         self.pools_written: dict[str, int] | None = None
+        self.standby_written: int | None = None
 
     async def _patch_status(self, status: dict[str, Any]) -> None:
         try:
@@ -103,6 +113,13 @@ class StatusReporter:
             self.emit("Warning", event.reason, event.message)
         else:
             self.emit("Normal", event.reason, event.message)
+
+    async def standby(self, parked: int, previous: int | None) -> None:
+        """status.standbyReplicas: engine pods parked in warm standby (in replicas, not serving)."""
+        written = self.standby_written if self.standby_written is not None else previous
+        if parked != written:
+            await self._patch_status({"standbyReplicas": parked})
+        self.standby_written = parked
 
     async def decided(self, decision: ScaleDecision, previous: Mapping[str, Any] | None) -> None:
         """Keep status.pools equal to the targets also when nothing changed (first step, restart)."""
@@ -147,6 +164,7 @@ class ServiceLoop:
             self.reporter.on_event,
             max_total_replicas=service.spec.replicas.max,
             rescheduler=rescheduler_for(name, service.spec, token, self.reporter.on_event),
+            standby=standby_config(service.spec),
         )
 
     async def tick(self, body: Mapping[str, Any]) -> float:
@@ -170,7 +188,9 @@ class ServiceLoop:
             self.inputs, self.blocked = inputs, None
         assert self.loop is not None and self.reporter is not None
         decision = await self.loop.step()
-        await self.reporter.decided(decision, (body.get("status") or {}).get("pools"))
+        previous = body.get("status") or {}
+        await self.reporter.decided(decision, previous.get("pools"))
+        await self.reporter.standby(self.loop.standby.parked_total, previous.get("standbyReplicas"))
         return interval
 
     async def close(self) -> None:

@@ -7,6 +7,8 @@ Kubernetes backend, `slofleet up` runs it with the local process backend. Each s
   3. drains the instances chosen for scale-in (their sidecars stop taking requests and report
      when empty) before lowering replicas, so scale-in never cuts a request;
   4. re-asserts every pool's target, which also replaces instances that died.
+With warm standby (operator/standby.py) step 3 parks drained instances instead of removing them
+and scale-out wakes parked ones first; the autoscaler never counts parked ones as capacity.
 Decisions are reported through `on_event` (the operator turns them into status.lastScale and
 Kubernetes Events; the local fleet logs them and the replay report counts them).
 """
@@ -29,6 +31,7 @@ from slofleet.api.v1 import sidecar_pb2, sidecar_pb2_grpc
 from slofleet.fleet import FleetBackend, InstanceRef, Phase
 from slofleet.instance import InstanceLoad, Pool, RequestClass
 from slofleet.operator.metrics import METRICS
+from slofleet.operator.standby import SidecarMemory, StandbyManager, serving_replicas
 from slofleet.policies.baselines import QueueLengthAutoscaler, StaticAutoscaler, UtilizationAutoscaler
 from slofleet.policies.global_autoscaler import (
     Autoscaler,
@@ -39,6 +42,7 @@ from slofleet.policies.global_autoscaler import (
     PoolBounds,
     ScaleDecision,
 )
+from slofleet.policies.memory_planner import StandbyConfig
 from slofleet.spec import LLMServiceSpec
 
 if TYPE_CHECKING:
@@ -51,7 +55,7 @@ log = logging.getLogger("slofleet.operator.control_loop")
 class LoopEvent:
     """Something the loop did that a person watching the service should see."""
 
-    kind: str  # "scale" | "replace" | "drain" | "migrate"
+    kind: str  # "scale" | "replace" | "drain" | "migrate" | "park" | "wake" | "unpark"
     reason: str
     message: str
     decision: ScaleDecision | None = None
@@ -79,6 +83,7 @@ def autoscaler_from_spec(spec: LLMServiceSpec) -> Autoscaler:
             bounds=bounds,
             stabilization_s=float(a.scale_down_stabilization_seconds),
             min_step_up=a.max_scale_step,
+            cold_start_s=float(a.cold_start_seconds),
         )
         return ChironAutoscaler(config)
     from slofleet.policies.baselines import HpaConfig
@@ -111,10 +116,18 @@ class SidecarClient:
         self._timeout = timeout_seconds
         self._channels: dict[str, grpc.aio.Channel] = {}
 
-    def _stub(self, address: str) -> sidecar_pb2_grpc.SidecarStub:
+    @property
+    def call_metadata(self) -> tuple[tuple[str, str], ...] | None:
+        return self._metadata
+
+    def channel(self, address: str) -> grpc.aio.Channel:
+        """The one channel to a sidecar; its Sidecar and Memory services share the port."""
         if address not in self._channels:
             self._channels[address] = grpc.aio.insecure_channel(address)
-        return sidecar_pb2_grpc.SidecarStub(self._channels[address])
+        return self._channels[address]
+
+    def _stub(self, address: str) -> sidecar_pb2_grpc.SidecarStub:
+        return sidecar_pb2_grpc.SidecarStub(self.channel(address))
 
     async def load(self, address: str) -> InstanceLoad | None:
         try:
@@ -220,6 +233,7 @@ class ControlLoop:
         max_total_replicas: int | None = None,
         clock: Callable[[], float] = time.time,
         rescheduler: Rescheduler | None = None,
+        standby: StandbyConfig | None = None,
     ) -> None:
         self.service = service
         # `service` is "namespace/name" in a cluster and "name" locally; metrics label both apart.
@@ -236,6 +250,10 @@ class ControlLoop:
         self.clock = clock
         # Live migration (Llumnix): rebalances every step and empties scale-in victims first.
         self.rescheduler = rescheduler
+        # Always present: with standby off it only removes instances parked under an earlier spec.
+        self.standby = StandbyManager(
+            standby or StandbyConfig(max_standby=0), SidecarMemory(sidecars), backend, self.metrics, clock
+        )
         self._session: aiohttp.ClientSession | None = None
 
     async def _gateway_status(self) -> Mapping[str, object] | None:
@@ -263,8 +281,10 @@ class ControlLoop:
 
     async def step(self) -> ScaleDecision:
         refs = await self.backend.instances()
+        self.standby.observe(refs)
         failed = [r for r in refs if r.phase == Phase.FAILED]
-        desired = await self.backend.desired_replicas()
+        # The autoscaler counts serving instances only; parked ones are added back in `settle`.
+        desired = serving_replicas(await self.backend.desired_replicas(), refs)
         loads, status = await asyncio.gather(self._loads(refs), self._gateway_status())
         obs = observe(self.clock(), desired, loads, status, self.expected_batch_tokens)
         decision = cap_total(self.autoscaler.decide(obs), self.max_total_replicas)
@@ -280,6 +300,7 @@ class ControlLoop:
             if pool not in self.autoscaler.pools and target == 0 and desired.get(pool, 0) == 0:
                 continue
             victims = decision.scale_in.get(pool, ())
+            drained_by: dict[str, bool] = {}
             if victims:
                 # The sidecars' Drain keeps new requests away while the rescheduler moves the running
                 # ones out; Drain's bounded wait is the fallback for what could not move.
@@ -290,12 +311,16 @@ class ControlLoop:
                           for v in victims if v in by_id)
                     ),
                 )  # fmt: skip
+                drained_by = dict(zip([v for v in victims if v in by_id], drained, strict=True))
                 for ok in drained:
                     self.metrics.drained(ok)
                 await self.on_event(
                     LoopEvent("drain", "ScaleIn", f"drained {list(victims)}: {drained}; migrations: {moved}")
                 )
-            await self.backend.set_replicas(pool, target, remove_first=victims)
+            action = await self.standby.settle(
+                pool, desired.get(pool, 0), target, victims, drained_by, refs, self._standby_event
+            )
+            await self.backend.set_replicas(pool, action.replicas, remove_first=action.remove_first)
         if decision.changed:
             await self.on_event(LoopEvent("scale", "Autoscaled", decision.summary(), decision))
         for ref in failed:
@@ -309,6 +334,9 @@ class ControlLoop:
         self, victims: Sequence[str], loads: Sequence[InstanceLoad], by_id: Mapping[str, InstanceRef]
     ) -> dict[str, int]:
         return await self.rescheduler.drain(victims, loads, by_id) if self.rescheduler is not None else {}
+
+    async def _standby_event(self, kind: str, reason: str, message: str) -> None:
+        await self.on_event(LoopEvent(kind, reason, message))
 
     async def run(self, interval_seconds: float, stop: asyncio.Event) -> None:
         while not stop.is_set():

@@ -9,6 +9,11 @@ control loop does every step) is free when nothing changed.
 Scale-in is never blind: before lowering replicas, the pods chosen by the policy (and drained by
 the control loop) get `controller.kubernetes.io/pod-deletion-cost` far below the default 0, and
 the ReplicaSet controller deletes the pods of lowest cost first (among equally ready pods).
+
+Warm standby: a parked pod carries `slofleet.io/standby-since` (unix seconds), so that its phase
+reads STANDBY for any operator replica and after an operator restart. It stays Kubernetes-ready
+and in its Deployment's replicas; the ReplicaSet never prefers it over an unmarked pod, and scale-in
+counts it as a pod that may not go unchosen.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ log = logging.getLogger(__name__)
 DELETION_COST_ANNOTATION = "controller.kubernetes.io/pod-deletion-cost"
 # Far below the default (0) and below anything a person would set by hand for a "keep me" pod.
 SCALE_IN_DELETION_COST = -1000
+STANDBY_ANNOTATION = "slofleet.io/standby-since"
 
 
 def _container_port(pod: Mapping[str, Any], name: str, default: int) -> int:
@@ -49,13 +55,24 @@ def _ready(pod: Mapping[str, Any]) -> bool:
     return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
 
 
+def standby_since(pod: Mapping[str, Any]) -> float | None:
+    """When the pod was parked, from its annotation; None if it is not parked (or unreadable)."""
+    value = (pod.get("metadata", {}).get("annotations") or {}).get(STANDBY_ANNOTATION)
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
 def pod_phase(pod: Mapping[str, Any]) -> Phase:
-    """The fleet phase of an engine pod: leaving, failed, ready or still starting."""
+    """The fleet phase of an engine pod: leaving, failed, parked, ready or still starting."""
     if pod.get("metadata", {}).get("deletionTimestamp"):
         return Phase.STOPPING
     if pod.get("status", {}).get("phase") in ("Failed", "Succeeded"):
         return Phase.FAILED
-    return Phase.READY if _ready(pod) else Phase.STARTING
+    if not _ready(pod):
+        return Phase.STARTING
+    return Phase.STANDBY if standby_since(pod) is not None else Phase.READY
 
 
 def instance_ref(pod: Mapping[str, Any]) -> InstanceRef:
@@ -65,7 +82,7 @@ def instance_ref(pod: Mapping[str, Any]) -> InstanceRef:
     pool = Pool((meta.get("labels") or {}).get(POOL_LABEL, Pool.MIXED.value))
     ip = pod.get("status", {}).get("podIP") or ""
     phase = pod_phase(pod)
-    if not ip and phase == Phase.READY:
+    if not ip and phase in (Phase.READY, Phase.STANDBY):
         phase = Phase.STARTING
     grpc_port = _container_port(pod, "grpc", SIDECAR_GRPC_PORT)
     return InstanceRef(
@@ -77,6 +94,7 @@ def instance_ref(pod: Mapping[str, Any]) -> InstanceRef:
         metrics_url=f"http://{ip}:{_container_port(pod, 'metrics', SIDECAR_METRICS_PORT)}/metrics"
         if ip
         else "",
+        standby_since_s=standby_since(pod) if phase == Phase.STANDBY else None,
     )
 
 
@@ -130,16 +148,28 @@ class KubernetesFleet:
     async def _never_blind(self, pool: Pool, current: int, target: int, remove_first: Sequence[str]) -> int:
         """Mark `remove_first` and lower replicas only by what removes no unchosen ready pod: pods
         not created yet, pods not ready (the ReplicaSet controller removes those first) and the
-        marked ones. A policy that named fewer victims than it removes (a sidecar that did not
-        answer) gets the rest at its next step, once it can choose them."""
+        marked ones. A parked pod is ready to Kubernetes, so it is never counted as free. A policy
+        that named fewer victims than it removes (a sidecar that did not answer) gets the rest at
+        its next step, once it can choose them."""
         members = [r for r in await self.instances() if r.pool == pool and r.phase != Phase.STOPPING]
         chosen = [r.instance_id for r in members if r.instance_id in remove_first]
         for pod in chosen:
             await self.mark_for_scale_in(pod)
         free = max(0, current - len(members)) + sum(
-            1 for r in members if r.phase != Phase.READY and r.instance_id not in chosen
+            1 for r in members if r.phase in (Phase.STARTING, Phase.FAILED) and r.instance_id not in chosen
         )
         return max(target, current - free - len(chosen))
+
+    async def set_standby(self, instance_id: str, since_s: float | None) -> None:
+        """Annotate the pod as parked at `since_s`, or remove the annotation (None: woken)."""
+        value = None if since_s is None else f"{since_s:.3f}"
+        try:
+            await self.kube.patch(
+                POD, self.namespace, instance_id, {"metadata": {"annotations": {STANDBY_ANNOTATION: value}}}
+            )
+        except ApiError as exc:
+            if exc.status != 404:  # gone meanwhile: nothing to record
+                raise
 
     async def mark_for_scale_in(self, pod: str) -> None:
         """Give the pod the lowest deletion cost, so that lowering replicas removes this pod."""

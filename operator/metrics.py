@@ -93,6 +93,24 @@ class OperatorMetrics:
             scope,
             registry=r,
         )
+        self.standby_instances = Gauge(
+            "slofleet_operator_standby_instances",
+            "Instances parked in warm standby (weights in host memory, no traffic) in the last step.",
+            scope,
+            registry=r,
+        )
+        self.standby_events = Counter(
+            "slofleet_operator_standby_events",
+            "Warm-standby transitions by event (parked, woken, wake_failed, removed).",
+            [*scope, "event"],
+            registry=r,
+        )
+        self.cold_start = Gauge(
+            "slofleet_operator_cold_start_seconds",
+            "Latest measured cold start (seen starting to seen ready); waking is weighed against it.",
+            scope,
+            registry=r,
+        )
 
     def loop(self, namespace: str, service: str) -> LoopMetrics:
         return LoopMetrics(self, namespace, service)
@@ -107,6 +125,7 @@ class LoopMetrics:
         self.duration = metrics.loop_duration.labels(*self._scope)
         self.errors = metrics.loop_errors.labels(*self._scope)
         self.replacements = metrics.replacements.labels(*self._scope)
+        metrics.standby_instances.labels(*self._scope).set(0)
         self._phases_seen: set[tuple[str, str]] = set()
 
     def observe_fleet(self, phases: Mapping[tuple[str, str], int]) -> None:
@@ -128,6 +147,14 @@ class LoopMetrics:
 
     def migrated(self, reason: str, outcome: str) -> None:
         self._m.migrations.labels(*self._scope, reason, outcome).inc()
+
+    def observe_standby(self, parked: int, cold_start_s: float | None) -> None:
+        self._m.standby_instances.labels(*self._scope).set(parked)
+        if cold_start_s is not None:
+            self._m.cold_start.labels(*self._scope).set(cold_start_s)
+
+    def standby_event(self, event: str) -> None:
+        self._m.standby_events.labels(*self._scope, event).inc()
 
 
 METRICS = OperatorMetrics()

@@ -21,6 +21,9 @@ class Phase(enum.StrEnum):
     DRAINING = "draining"
     FAILED = "failed"
     STOPPING = "stopping"
+    # Parked in warm standby: weights in the host store, engine memory released, drained. It keeps
+    # its place in the replica count (the pod or process stays) but serves nothing.
+    STANDBY = "standby"
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +36,9 @@ class InstanceRef:
     engine_url: str
     sidecar_address: str
     metrics_url: str = ""
+    # When the instance was parked (unix seconds; the standby TTL counts from it); None unless
+    # the phase is STANDBY.
+    standby_since_s: float | None = None
 
 
 class FleetBackend(Protocol):
@@ -48,5 +54,12 @@ class FleetBackend(Protocol):
 
     async def set_replicas(self, pool: Pool, replicas: int, remove_first: Sequence[str] = ()) -> None:
         """Drive a pool to `replicas`; on scale-in remove the instances in `remove_first` first
-        (the control loop drains them before it calls this)."""
+        (the control loop drains them before it calls this). `replicas` counts parked
+        instances too: the backend keeps them, the autoscaler does not count them as capacity."""
+        ...
+
+    async def set_standby(self, instance_id: str, since_s: float | None) -> None:
+        """Record that an instance was parked at `since_s` (its phase reads STANDBY from then on),
+        or woken (None: it reads READY again). The engine side (the sidecar's Standby/Wake) is
+        the caller's; this only keeps the fleet's view, durably where the backend can."""
         ...

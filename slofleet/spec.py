@@ -155,6 +155,9 @@ class Autoscaling:
     interval_seconds: int = field(default=5, metadata=_rule(minimum=1, maximum=3600))
     scale_down_stabilization_seconds: int = field(default=120, metadata=_rule(minimum=0, maximum=86400))
     max_scale_step: int = field(default=2, metadata=_rule(minimum=1, maximum=100))
+    # Pod creation to serving, assumed until the control loop has measured one; warm standby
+    # wakes a parked instance instead of creating one only when waking is faster.
+    cold_start_seconds: int = field(default=60, metadata=_rule(minimum=1, maximum=3600))
 
 
 def _all_triggers() -> list[MigrationTrigger]:
@@ -175,8 +178,12 @@ class Memory:
     min_layers_resident: float = field(
         default=0.5, metadata=_rule(minimum=0, exclusive_minimum=True, maximum=1)
     )
-    # Instances kept warm (weights loaded, no traffic) so that scale-out skips the model load.
+    # Instances that scale-in may park in warm standby (weights in the pod's host memory, engine
+    # memory released, no traffic) instead of deleting them, so that scale-out wakes them in
+    # seconds instead of a cold start; 0 switches standby off.
     standby: int = field(default=0, metadata=_rule(minimum=0, maximum=100))
+    # A parked instance is deleted after this long (it holds host memory and, on GPUs, a node).
+    standby_ttl_seconds: int = field(default=1800, metadata=_rule(minimum=0, maximum=604800))
 
 
 @dataclass(frozen=True)

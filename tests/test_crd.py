@@ -123,7 +123,7 @@ def test_crd_identity() -> None:
     assert names["shortNames"] == ["llms"]
     assert CRD["metadata"]["name"] == f"{names['plural']}.{CRD['spec']['group']}"
     cols = [c["name"].upper() for c in VERSION["additionalPrinterColumns"]]
-    assert cols == ["MODEL", "READY", "REPLICAS", "INTERACTIVE-SLO", "BATCH-QUEUE", "AGE"]
+    assert cols == ["MODEL", "READY", "REPLICAS", "STANDBY", "INTERACTIVE-SLO", "BATCH-QUEUE", "AGE"]
     for col in VERSION["additionalPrinterColumns"]:
         if col["jsonPath"].startswith(".status"):
             assert at(SCHEMA["properties"]["status"], _schema_path(col["jsonPath"][len(".status.") :])), col

@@ -14,7 +14,7 @@ from test_operator import NS, live, requests
 
 from slofleet.fleet import Phase
 from slofleet.instance import Pool
-from slofleet.operator.fleet_k8s import SCALE_IN_DELETION_COST, KubernetesFleet
+from slofleet.operator.fleet_k8s import SCALE_IN_DELETION_COST, STANDBY_ANNOTATION, KubernetesFleet
 from slofleet.operator.kube import KubeClient
 
 pytestmark = pytest.mark.timeout(60)
@@ -165,3 +165,29 @@ async def test_set_replicas_is_idempotent_and_tolerates_a_missing_pool(
     assert "tiny-engine-batch" not in live(server, "apps/v1/deployments")
     with pytest.raises(ValueError, match="replicas: must be >= 0"):
         await fleet.set_replicas(Pool.MIXED, -1)
+
+
+async def test_a_parked_pod_reads_standby_and_is_never_removed_unchosen(
+    kube: tuple[Cluster, str, KubeClient],
+) -> None:
+    server, url, client = kube
+    await deployment(url, "tiny-engine", 3)
+    labels = {**ENGINE, "slofleet.io/pool": "mixed"}
+    for name in ("p0", "p1", "p2"):
+        await pod(url, name, labels, "10.0.0.1", True)
+    fleet = KubernetesFleet(client, NS, "tiny", (Pool.MIXED,))
+    await fleet.set_standby("p1", 1234.5)
+    assert live(server, "v1/pods")["p1"]["metadata"]["annotations"][STANDBY_ANNOTATION] == "1234.500"
+    refs = {r.instance_id: r for r in await fleet.instances()}
+    assert (refs["p1"].phase, refs["p1"].standby_since_s) == (Phase.STANDBY, 1234.5)
+    assert refs["p0"].phase == Phase.READY and refs["p0"].standby_since_s is None
+
+    # The parked pod is ready to the ReplicaSet: lowering replicas without choosing it (or any
+    # other) would remove a pod at random, so replicas stay.
+    await fleet.set_replicas(Pool.MIXED, 2)
+    assert live(server, "apps/v1/deployments")["tiny-engine"]["spec"]["replicas"] == 3
+
+    await fleet.set_standby("p1", None)
+    assert STANDBY_ANNOTATION not in (live(server, "v1/pods")["p1"]["metadata"].get("annotations") or {})
+    assert {r.instance_id: r.phase for r in await fleet.instances()}["p1"] == Phase.READY
+    await fleet.set_standby("gone", None)  # deleted meanwhile: nothing to record, no error

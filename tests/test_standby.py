@@ -1,0 +1,333 @@
+"""Warm standby in the control loop (operator/standby.py) with fake sidecars and a fake fleet:
+scale-in parks drained victims up to spec.memory.standby, scale-out wakes parked instances before
+it creates any when waking beats a cold start, and the autoscaler never sees a parked instance as
+capacity while the backend keeps it in its replicas."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+import pytest
+
+from slofleet.fleet import InstanceRef, Phase
+from slofleet.instance import InstanceLoad, Pool
+from slofleet.operator.control_loop import ControlLoop, LoopEvent
+from slofleet.operator.metrics import OperatorMetrics
+from slofleet.operator.standby import StandbyManager, excess_parked, serving_replicas, standby_config
+from slofleet.policies.global_autoscaler import FleetObservation, ScaleDecision
+from slofleet.policies.memory_planner import Parked, StandbyConfig
+from slofleet.spec import parse_spec
+
+WEIGHTS = 16 * 10**9  # 16 GB: 0.5 s + 0.8 s to wake at the planner's 20 GB/s
+CONFIG = StandbyConfig(
+    cold_start_s=60.0, host_memory_budget_bytes=1 << 62, max_standby=2, standby_ttl_s=600.0
+)
+
+
+class Clock:
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@dataclass
+class FakeFleet:
+    """A FleetBackend that records calls; set_replicas only records (the test reads the counts)."""
+
+    refs: dict[str, InstanceRef]
+    desired: dict[Pool, int]
+    calls: list[tuple[str, object, ...]] = field(default_factory=list)
+
+    async def instances(self) -> Sequence[InstanceRef]:
+        return list(self.refs.values())
+
+    async def desired_replicas(self) -> dict[Pool, int]:
+        return dict(self.desired)
+
+    async def set_replicas(self, pool: Pool, replicas: int, remove_first: Sequence[str] = ()) -> None:
+        self.calls.append(("set_replicas", pool, replicas, tuple(remove_first)))
+        self.desired[pool] = replicas
+
+    async def set_standby(self, instance_id: str, since_s: float | None) -> None:
+        self.calls.append(("set_standby", instance_id, since_s))
+        ref = self.refs[instance_id]
+        phase = Phase.READY if since_s is None else Phase.STANDBY
+        self.refs[instance_id] = replace(ref, phase=phase, standby_since_s=since_s)
+
+    def replicas_set(self, pool: Pool) -> tuple[int, tuple[str, ...]]:
+        (_, _, replicas, remove), *_ = [
+            c for c in reversed(self.calls) if c[0] == "set_replicas" and c[1] == pool
+        ]
+        return replicas, remove  # type: ignore[return-value]
+
+
+@dataclass
+class FakeSidecars:
+    """The SidecarClient and the Memory commands of every instance, by address (= instance id)."""
+
+    loads: dict[str, InstanceLoad] = field(default_factory=dict)
+    drains: dict[str, bool] = field(default_factory=dict)
+    wake_seconds: dict[str, float | None] = field(default_factory=dict)
+    standby_ok: bool = True
+    calls: list[tuple[str, str]] = field(default_factory=list)
+
+    async def load(self, address: str) -> InstanceLoad | None:
+        self.calls.append(("load", address))
+        return self.loads.get(address)
+
+    async def drain(self, address: str, timeout_seconds: float) -> bool:
+        self.calls.append(("drain", address))
+        return self.drains.get(address, True)
+
+    async def weight_bytes(self, address: str) -> int | None:
+        return WEIGHTS
+
+    async def standby(self, address: str) -> bool:
+        self.calls.append(("standby", address))
+        return self.standby_ok
+
+    async def wake(self, address: str) -> float | None:
+        self.calls.append(("wake", address))
+        return self.wake_seconds.get(address, 1.2)
+
+    async def close(self) -> None:
+        return None
+
+    def did(self, command: str) -> list[str]:
+        return [a for c, a in self.calls if c == command]
+
+
+@dataclass
+class Scripted:
+    """An autoscaler that returns the targets the test sets, and keeps what it was shown."""
+
+    targets: dict[Pool, int]
+    scale_in: dict[Pool, tuple[str, ...]] = field(default_factory=dict)
+    seen: list[FleetObservation] = field(default_factory=list)
+    name: str = "scripted"
+    pools: tuple[Pool, ...] = (Pool.MIXED,)
+    preempts_batch: bool = False
+    uses_local_autoscaler: bool = False
+
+    def decide(self, obs: FleetObservation) -> ScaleDecision:
+        self.seen.append(obs)
+        current = {p: obs.replicas.get(p, 0) for p in self.targets}
+        return ScaleDecision(obs.now_s, current, dict(self.targets), {p: "scripted" for p in self.targets},
+                             dict(self.scale_in))  # fmt: skip
+
+
+def ref(
+    name: str, phase: Phase = Phase.READY, since: float | None = None, pool: Pool = Pool.MIXED
+) -> InstanceRef:
+    return InstanceRef(name, pool, phase, f"http://{name}", name, standby_since_s=since)
+
+
+def load(name: str) -> InstanceLoad:
+    return InstanceLoad(name, 0, 0, 0.0, 100, 100, 16, 8)
+
+
+def make_loop(
+    refs: Sequence[InstanceRef],
+    autoscaler: Scripted,
+    config: StandbyConfig = CONFIG,
+    clock: Clock | None = None,
+) -> tuple[ControlLoop, FakeFleet, FakeSidecars, list[LoopEvent]]:
+    fleet = FakeFleet({r.instance_id: r for r in refs}, {Pool.MIXED: len(refs)})
+    sidecars = FakeSidecars(loads={r.instance_id: load(r.instance_id) for r in refs})
+    events: list[LoopEvent] = []
+
+    async def on_event(event: LoopEvent) -> None:
+        events.append(event)
+
+    loop = ControlLoop(
+        "test",
+        fleet,
+        autoscaler,
+        sidecars,
+        None,
+        on_event,
+        standby=config,
+        clock=clock or Clock(),  # type: ignore[arg-type]
+    )
+    loop.standby.commands = sidecars
+    return loop, fleet, sidecars, events
+
+
+async def test_scale_in_parks_the_drained_victim_and_keeps_it_in_the_replicas() -> None:
+    autoscaler = Scripted({Pool.MIXED: 2}, {Pool.MIXED: ("b",)})
+    loop, fleet, sidecars, events = make_loop([ref("a"), ref("b"), ref("c")], autoscaler)
+    await loop.step()
+    assert sidecars.did("drain") == ["b"] and sidecars.did("standby") == ["b"]
+    assert ("set_standby", "b", 1000.0) in fleet.calls
+    # Serving 2 + parked 1: the backend keeps all three and removes nobody.
+    assert fleet.replicas_set(Pool.MIXED) == (3, ())
+    assert [e.kind for e in events if e.kind == "park"] == ["park"]
+    assert loop.standby.parked_total == 1
+
+    # The next step: b is not capacity (no Load asked, not in the replicas the autoscaler sees),
+    # but the backend keeps it.
+    autoscaler.scale_in = {}
+    sidecars.calls.clear()
+    await loop.step()
+    assert autoscaler.seen[-1].replicas[Pool.MIXED] == 2
+    assert {ld.instance_id for ld in autoscaler.seen[-1].loads} == {"a", "c"}
+    assert "b" not in sidecars.did("load")
+    assert fleet.replicas_set(Pool.MIXED) == (3, ())
+
+
+async def test_scale_out_wakes_parked_first_and_cold_starts_only_the_rest() -> None:
+    autoscaler = Scripted({Pool.MIXED: 3})
+    loop, fleet, sidecars, events = make_loop([ref("a"), ref("b", Phase.STANDBY, 990.0)], autoscaler)
+    await loop.step()
+    assert autoscaler.seen[0].replicas[Pool.MIXED] == 1  # a parked instance is not capacity
+    assert sidecars.did("wake") == ["b"]
+    assert ("set_standby", "b", None) in fleet.calls
+    # 1 serving -> 3: b woken, one cold start; nothing parked is left.
+    assert fleet.replicas_set(Pool.MIXED) == (3, ())
+    assert any(e.kind == "wake" and "1 cold start" in e.message for e in events)
+    assert loop.standby.wake_s == 1.2
+
+
+async def test_a_slow_wake_loses_to_a_cold_start() -> None:
+    autoscaler = Scripted({Pool.MIXED: 2})
+    loop, fleet, sidecars, _ = make_loop([ref("a"), ref("b", Phase.STANDBY, 990.0)], autoscaler)
+    loop.standby.wake_s = 90.0  # measured earlier; the cold start is 60 s
+    await loop.step()
+    assert sidecars.did("wake") == []
+    assert fleet.replicas_set(Pool.MIXED) == (3, ())  # one cold start, b stays parked
+
+
+async def test_a_measured_cold_start_replaces_the_configured_one() -> None:
+    clock = Clock()
+    autoscaler = Scripted({Pool.MIXED: 1})
+    loop, fleet, _, _ = make_loop([ref("a", Phase.STARTING)], autoscaler, clock=clock)
+    await loop.step()
+    clock.now += 5.0
+    fleet.refs["a"] = ref("a")
+    await loop.step()
+    assert loop.standby.cold_start_s == 5.0
+    # Now a wake measured at 6 s is slower than a cold start: no wake.
+    loop.standby.wake_s = 6.0
+    fleet.refs["b"] = ref("b", Phase.STANDBY, clock.now)
+    fleet.desired[Pool.MIXED] = 2
+    autoscaler.targets = {Pool.MIXED: 2}
+    sidecars: FakeSidecars = loop.standby.commands  # type: ignore[assignment]
+    await loop.step()
+    assert sidecars.did("wake") == []
+
+
+async def test_max_parked_is_honoured_and_the_rest_is_deleted() -> None:
+    config = replace(CONFIG, max_standby=1)
+    autoscaler = Scripted({Pool.MIXED: 1}, {Pool.MIXED: ("b",)})
+    loop, fleet, sidecars, _ = make_loop(
+        [ref("a"), ref("b"), ref("c", Phase.STANDBY, 990.0)], autoscaler, config
+    )
+    await loop.step()
+    assert sidecars.did("standby") == []
+    assert fleet.replicas_set(Pool.MIXED) == (2, ("b",))  # a serving + c parked
+
+
+async def test_a_victim_that_did_not_drain_or_park_is_deleted() -> None:
+    autoscaler = Scripted({Pool.MIXED: 1}, {Pool.MIXED: ("b", "c")})
+    loop, fleet, sidecars, _ = make_loop([ref("a"), ref("b"), ref("c")], autoscaler)
+    sidecars.drains["b"] = False  # requests left: parking would freeze them
+    await loop.step()
+    assert sidecars.did("standby") == ["c"]
+    assert fleet.replicas_set(Pool.MIXED) == (2, ("b",))
+
+    autoscaler2 = Scripted({Pool.MIXED: 1}, {Pool.MIXED: ("b",)})
+    loop2, fleet2, sidecars2, _ = make_loop([ref("a"), ref("b")], autoscaler2)
+    sidecars2.standby_ok = False
+    await loop2.step()
+    assert fleet2.replicas_set(Pool.MIXED) == (1, ("b",))
+    assert not [c for c in fleet2.calls if c[0] == "set_standby"]
+
+
+async def test_standby_off_deletes_victims_and_earlier_parked_instances() -> None:
+    autoscaler = Scripted({Pool.MIXED: 1}, {Pool.MIXED: ("b",)})
+    off = StandbyConfig(max_standby=0)
+    loop, fleet, sidecars, events = make_loop(
+        [ref("a"), ref("b"), ref("c", Phase.STANDBY, 990.0)], autoscaler, off
+    )
+    await loop.step()
+    assert sidecars.did("standby") == []
+    assert fleet.replicas_set(Pool.MIXED) == (1, ("c", "b"))
+    assert any(e.kind == "unpark" and "c" in e.message for e in events)
+
+
+async def test_parked_past_the_ttl_are_removed() -> None:
+    clock = Clock(2000.0)
+    autoscaler = Scripted({Pool.MIXED: 1})
+    refs = [ref("a"), ref("old", Phase.STANDBY, 1000.0), ref("new", Phase.STANDBY, 1990.0)]
+    loop, fleet, _, _ = make_loop(refs, autoscaler, clock=clock)
+    await loop.step()
+    assert fleet.replicas_set(Pool.MIXED) == (2, ("old",))
+
+
+async def test_a_failed_wake_is_replaced_by_a_cold_start() -> None:
+    autoscaler = Scripted({Pool.MIXED: 2})
+    loop, fleet, sidecars, events = make_loop([ref("a"), ref("b", Phase.STANDBY, 990.0)], autoscaler)
+    sidecars.wake_seconds["b"] = None
+    await loop.step()
+    assert fleet.replicas_set(Pool.MIXED) == (2, ("b",))  # b goes, a new pod comes
+    assert any(e.reason == "WakeFailed" for e in events)
+
+
+def test_serving_replicas_leave_out_parked_instances() -> None:
+    refs = [ref("a"), ref("b", Phase.STANDBY, 1.0), ref("c", Phase.STANDBY, 1.0, Pool.INTERACTIVE)]
+    assert serving_replicas({Pool.MIXED: 2, Pool.INTERACTIVE: 1, Pool.BATCH: 0}, refs) == {
+        Pool.MIXED: 1,
+        Pool.INTERACTIVE: 0,
+        Pool.BATCH: 0,
+    }
+
+
+@pytest.mark.parametrize(
+    ("max_standby", "expected"),
+    [(2, ("expired",)), (1, ("expired", "older")), (0, ("expired", "newer", "older"))],
+)
+def test_excess_parked_are_the_expired_then_the_oldest_over_the_count(
+    max_standby: int, expected: tuple[str, ...]
+) -> None:
+    config = replace(CONFIG, max_standby=max_standby)
+    parked = [Parked("expired", 1, 0.0), Parked("older", 1, 900.0), Parked("newer", 1, 950.0)]
+    assert excess_parked(parked, 1000.0, config) == expected
+
+
+def test_standby_config_comes_from_the_spec() -> None:
+    spec = parse_spec(
+        {
+            "model": "m",
+            "memory": {"standby": 3, "standbyTtlSeconds": 120},
+            "autoscaling": {"coldStartSeconds": 200},
+        }
+    )
+    config = standby_config(spec)
+    assert (config.max_standby, config.standby_ttl_s, config.cold_start_s) == (3, 120.0, 200.0)
+    assert config.host_memory_budget_bytes > 0
+    assert standby_config(parse_spec({"model": "m"})).max_standby == 0
+
+
+async def test_metrics_count_parked_instances_and_events() -> None:
+    metrics = OperatorMetrics()
+    fleet = FakeFleet({"a": ref("a"), "b": ref("b", Phase.STANDBY, 990.0)}, {Pool.MIXED: 2})
+    sidecars = FakeSidecars()
+    manager = StandbyManager(CONFIG, sidecars, fleet, metrics.loop("ns", "svc"), Clock())
+
+    async def ignore(kind: str, reason: str, message: str) -> None:
+        return None
+
+    manager.observe(list(fleet.refs.values()))
+    scope = {"namespace": "ns", "llmservice": "svc"}
+    assert metrics.registry.get_sample_value("slofleet_operator_standby_instances", scope) == 1
+    await manager.settle(Pool.MIXED, 1, 2, (), {}, list(fleet.refs.values()), ignore)
+    assert metrics.registry.get_sample_value("slofleet_operator_standby_instances", scope) == 0
+    assert (
+        metrics.registry.get_sample_value(
+            "slofleet_operator_standby_events_total", {**scope, "event": "woken"}
+        )
+        == 1
+    )
