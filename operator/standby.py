@@ -183,12 +183,17 @@ class StandbyManager:
         self._first_starting: dict[str, float] = {}
         self._seen: set[str] = set()
         self._weights: dict[str, int] = {}
-        # Parked instances per pool after the latest observation and actions (status, metrics).
-        self.parked: dict[Pool, int] = {}
+        # The parked instances as of the latest observation and the actions since: the pools are
+        # settled one after another, and each must see what the others parked or woke.
+        self._standby: dict[str, InstanceRef] = {}
+
+    @property
+    def parked(self) -> dict[Pool, int]:
+        return {pool: len(members) for pool, members in parked_by_pool(list(self._standby.values())).items()}
 
     @property
     def parked_total(self) -> int:
-        return sum(self.parked.values())
+        return len(self._standby)
 
     # --- observation -------------------------------------------------------------------------
     def observe(self, refs: Sequence[InstanceRef]) -> None:
@@ -205,7 +210,7 @@ class StandbyManager:
         self._seen &= live
         self._first_starting = {i: t for i, t in self._first_starting.items() if i in live}
         self._weights = {i: b for i, b in self._weights.items() if i in live}
-        self.parked = {pool: len(members) for pool, members in parked_by_pool(refs).items()}
+        self._standby = {r.instance_id: r for r in refs if r.phase == Phase.STANDBY}
         self.metrics.observe_standby(self.parked_total, self.cold_start_s)
 
     def effective_config(self) -> StandbyConfig:
@@ -243,20 +248,20 @@ class StandbyManager:
         now = self.clock()
         config = self.effective_config()
         by_id = {r.instance_id: r for r in refs}
-        all_parked = [r for r in refs if r.phase == Phase.STANDBY]
-        excess = set(excess_parked(self._parked(all_parked, now), now, config))
-        kept_all = [r for r in all_parked if r.instance_id not in excess]
-        kept = [r for r in kept_all if r.pool == pool]
-        remove = sorted(r.instance_id for r in all_parked if r.pool == pool and r.instance_id in excess)
+        excess = set(excess_parked(self._parked(list(self._standby.values()), now), now, config))
+        remove = sorted(i for i, r in self._standby.items() if r.pool == pool and i in excess)
         for instance_id in remove:
+            del self._standby[instance_id]
             self.metrics.standby_event("removed")
             await on_event("unpark", "StandbyRemoved", f"parked {instance_id} removed (standby TTL or count)")
-        stays_parked = len(kept)
+        kept = [r for r in self._standby.values() if r.pool == pool]
         if target > current and kept:
             plan = plan_scale_out(target - current, self._parked(kept, now), config)
-            woken = await asyncio.gather(*(self.commands.wake(by_id[i].sidecar_address) for i in plan.wake))
+            woken = await asyncio.gather(
+                *(self.commands.wake(self._standby[i].sidecar_address) for i in plan.wake)
+            )
             for instance_id, seconds in zip(plan.wake, woken, strict=True):
-                stays_parked -= 1
+                del self._standby[instance_id]
                 if seconds is None:
                     remove.append(instance_id)  # cannot serve again: a cold start replaces it
                     self.metrics.standby_event("wake_failed")
@@ -271,26 +276,26 @@ class StandbyManager:
                     f"woke {instance_id} in {seconds:.2f} s (cold start {config.cold_start_s:.0f} s); "
                     f"{plan.cold_starts} cold start(s) for the rest",
                 )
-            return self._settled(pool, target, stays_parked, remove)
-        parked = await self._park(victims, drained, by_id, kept_all, now, config)
+            return self._settled(pool, target, remove)
+        parked = await self._park(victims, drained, by_id, now, config)
         for instance_id in parked:
             await self.backend.set_standby(instance_id, now)
+            self._standby[instance_id] = replace(by_id[instance_id], phase=Phase.STANDBY, standby_since_s=now)
             self.metrics.standby_event("parked")
             await on_event("park", "ScaleInToStandby", f"parked {instance_id} in warm standby")
         remove += [v for v in victims if v not in parked]
-        return self._settled(pool, target, stays_parked + len(parked), remove)
+        return self._settled(pool, target, remove)
 
-    def _settled(self, pool: Pool, target: int, parked: int, remove: Sequence[str]) -> PoolAction:
-        self.parked[pool] = parked
+    def _settled(self, pool: Pool, target: int, remove: Sequence[str]) -> PoolAction:
+        """The backend keeps the serving target plus what stays parked in the pool."""
         self.metrics.observe_standby(self.parked_total, self.cold_start_s)
-        return PoolAction(target + parked, tuple(remove))
+        return PoolAction(target + self.parked.get(pool, 0), tuple(remove))
 
     async def _park(
         self,
         victims: Sequence[str],
         drained: Mapping[str, bool],
         by_id: Mapping[str, InstanceRef],
-        parked: Sequence[InstanceRef],
         now_s: float,
         config: StandbyConfig,
     ) -> list[str]:
@@ -305,6 +310,6 @@ class StandbyManager:
             if nbytes is not None:
                 self._weights[instance_id] = nbytes
                 removing.append((instance_id, nbytes))
-        plan = plan_scale_in(removing, self._parked(parked, now_s), now_s, config)
+        plan = plan_scale_in(removing, self._parked(list(self._standby.values()), now_s), now_s, config)
         done = await asyncio.gather(*(self.commands.standby(by_id[i].sidecar_address) for i in plan.park))
         return [i for i, ok in zip(plan.park, done, strict=True) if ok]

@@ -230,6 +230,21 @@ async def test_max_parked_is_honoured_and_the_rest_is_deleted() -> None:
     assert fleet.replicas_set(Pool.MIXED) == (2, ("b",))  # a serving + c parked
 
 
+async def test_max_parked_holds_across_pools_settled_in_one_step() -> None:
+    inter = [ref(f"i{n}", pool=Pool.INTERACTIVE) for n in range(3)]
+    autoscaler = Scripted(
+        {Pool.INTERACTIVE: 1, Pool.MIXED: 1}, {Pool.INTERACTIVE: ("i1", "i2"), Pool.MIXED: ("m1",)}
+    )
+    autoscaler.pools = (Pool.INTERACTIVE, Pool.MIXED)
+    loop, fleet, sidecars, _ = make_loop([*inter, ref("m0"), ref("m1")], autoscaler)
+    fleet.desired = {Pool.INTERACTIVE: 3, Pool.MIXED: 2}
+    await loop.step()
+    assert sidecars.did("standby") == ["i1", "i2"]  # the interactive pool, settled first, filled it
+    assert fleet.replicas_set(Pool.INTERACTIVE) == (3, ())
+    assert fleet.replicas_set(Pool.MIXED) == (1, ("m1",))
+    assert loop.standby.parked == {Pool.INTERACTIVE: 2} and loop.standby.parked_total == 2
+
+
 async def test_a_victim_that_did_not_drain_or_park_is_deleted() -> None:
     autoscaler = Scripted({Pool.MIXED: 1}, {Pool.MIXED: ("b", "c")})
     loop, fleet, sidecars, _ = make_loop([ref("a"), ref("b"), ref("c")], autoscaler)
