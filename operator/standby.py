@@ -70,6 +70,8 @@ class MemoryCommands(Protocol):
 
     async def wake(self, address: str) -> float | None: ...
 
+    async def hold(self, address: str) -> None: ...
+
 
 class SidecarMemory:
     """MemoryCommands over the sidecars' Memory service (same port and token as `Load`)."""
@@ -100,6 +102,18 @@ class SidecarMemory:
             log.warning("sidecar=%s event=standby_failed code=%s %s", address, exc.code(), exc.details())
             return False
         return True
+
+    async def hold(self, address: str) -> None:
+        """Re-assert the drain of a parked instance: a restarted sidecar forgets it, and its Load
+        would invite requests into a paused engine. Idempotent; the instance is empty."""
+        try:
+            await sidecar_pb2_grpc.SidecarStub(self.channels.channel(address)).Drain(
+                sidecar_pb2.DrainRequest(timeout_seconds=0.5),
+                metadata=self.channels.call_metadata,
+                timeout=5.0,
+            )
+        except grpc.aio.AioRpcError as exc:
+            log.debug("sidecar=%s event=hold_failed code=%s", address, exc.code())
 
     async def wake(self, address: str) -> float | None:
         """Wake and re-open for requests (undo the scale-in drain); the wake's seconds, or None
@@ -255,6 +269,7 @@ class StandbyManager:
             self.metrics.standby_event("removed")
             await on_event("unpark", "StandbyRemoved", f"parked {instance_id} removed (standby TTL or count)")
         kept = [r for r in self._standby.values() if r.pool == pool]
+        await asyncio.gather(*(self.commands.hold(r.sidecar_address) for r in kept))
         if target > current and kept:
             plan = plan_scale_out(target - current, self._parked(kept, now), config)
             woken = await asyncio.gather(

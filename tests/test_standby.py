@@ -93,6 +93,9 @@ class FakeSidecars:
         self.calls.append(("wake", address))
         return self.wake_seconds.get(address, 1.2)
 
+    async def hold(self, address: str) -> None:
+        self.calls.append(("hold", address))
+
     async def close(self) -> None:
         return None
 
@@ -175,6 +178,7 @@ async def test_scale_in_parks_the_drained_victim_and_keeps_it_in_the_replicas() 
     assert autoscaler.seen[-1].replicas[Pool.MIXED] == 2
     assert {ld.instance_id for ld in autoscaler.seen[-1].loads} == {"a", "c"}
     assert "b" not in sidecars.did("load")
+    assert sidecars.did("hold") == ["b"]  # its drain re-asserted (a restarted sidecar forgets it)
     assert fleet.replicas_set(Pool.MIXED) == (3, ())
 
 
