@@ -169,6 +169,8 @@ class LocalUp:
             self.state.counters["scale_events"] += 1
         elif event.kind == "replace":
             self.state.counters["replacements"] += 1
+        elif event.kind == "migrate" and event.reason == "Migrated":
+            self.state.counters["migrations"] = self.state.counters.get("migrations", 0) + 1
         self.state.events.append(
             {"time": time.time(), "kind": event.kind, "reason": event.reason, "message": event.message}
         )

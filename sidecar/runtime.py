@@ -30,6 +30,7 @@ from slofleet.sidecar.local_limit import LocalLimitController
 from slofleet.sidecar.memory.service import MemoryMetrics, MemoryService, add_memory_service
 from slofleet.sidecar.migration import DEFAULT_KV_CONTROL_SOCKET
 from slofleet.sidecar.migration.engine_link import KVControl
+from slofleet.sidecar.migration.service import GRPC_OPTIONS as MIGRATION_GRPC_OPTIONS
 from slofleet.sidecar.migration.service import MigrationMetrics, MigrationService, add_migration_service
 from slofleet.sidecar.service import BearerTokenInterceptor, ExpectedToken, HealthReporter, SidecarService
 from slofleet.sidecar.state import SidecarState
@@ -135,7 +136,8 @@ class Sidecar:
             interceptors=[
                 BearerTokenInterceptor(ExpectedToken(cfg.token, cfg.token_file), self._auth_failed)
             ],
-            options=[("grpc.so_reuseport", 0)],
+            # Migration's PushKV chunks are up to 4 MiB of KV plus framing: above gRPC's default cap.
+            options=[("grpc.so_reuseport", 0), *MIGRATION_GRPC_OPTIONS],
         )
         pb_grpc.add_SidecarServicer_to_server(self.service, server)
         await self.memory.start()
