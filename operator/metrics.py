@@ -65,7 +65,7 @@ class OperatorMetrics:
         )
         self.instances = Gauge(
             "slofleet_operator_instances",
-            "Instances per pool and phase (starting, ready, draining, failed) seen in the last step.",
+            "Instances per pool and phase (starting, ready, standby, draining, failed) in the last step.",
             [*scope, "pool", "phase"],
             registry=r,
         )

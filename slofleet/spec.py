@@ -180,7 +180,8 @@ class Memory:
     )
     # Instances that scale-in may park in warm standby (weights in the pod's host memory, engine
     # memory released, no traffic) instead of deleting them, so that scale-out wakes them in
-    # seconds instead of a cold start; 0 switches standby off.
+    # seconds instead of a cold start; 0 switches standby off. Parked pods are not counted in
+    # replicas.max (that bounds serving instances) but in the pool Deployments' replicas.
     standby: int = field(default=0, metadata=_rule(minimum=0, maximum=100))
     # A parked instance is deleted after this long (it holds host memory and, on GPUs, a node).
     standby_ttl_seconds: int = field(default=1800, metadata=_rule(minimum=0, maximum=604800))
