@@ -93,6 +93,16 @@ class SidecarMemory:
             return None
         return int(status.resident_weight_bytes + status.dropped_weight_bytes)
 
+    async def _serving(self, address: str) -> bool:
+        """Whether every weight is resident and the engine runs (what a wake must achieve)."""
+        try:
+            status = await self._memory(address).Status(
+                memory_pb2.MemoryStatusRequest(), metadata=self.channels.call_metadata, timeout=10.0
+            )
+        except grpc.aio.AioRpcError:
+            return False
+        return not (status.standby or status.paused or status.dropped_weight_bytes)
+
     async def standby(self, address: str) -> bool:
         try:
             await self._memory(address).Standby(
@@ -117,8 +127,9 @@ class SidecarMemory:
 
     async def wake(self, address: str) -> float | None:
         """Wake and re-open for requests (undo the scale-in drain); the wake's seconds, or None
-        when the instance cannot serve again. An instance that is not parked any more (its
-        engine restarted) only needs re-opening."""
+        when the instance cannot serve again. An instance refused as "not in standby" whose
+        weights are all resident (its engine restarted) only needs re-opening; one whose weights
+        cannot come back (the store lost them) is not re-opened into a paused engine."""
         seconds = 0.0
         try:
             status = await self._memory(address).Wake(
@@ -126,8 +137,8 @@ class SidecarMemory:
             )
             seconds = status.last_operation_seconds
         except grpc.aio.AioRpcError as exc:
-            if exc.code() != grpc.StatusCode.FAILED_PRECONDITION:
-                log.warning("sidecar=%s event=wake_failed code=%s %s", address, exc.code(), exc.details())
+            log.warning("sidecar=%s event=wake_refused code=%s %s", address, exc.code(), exc.details())
+            if exc.code() != grpc.StatusCode.FAILED_PRECONDITION or not await self._serving(address):
                 return None
         try:
             await sidecar_pb2_grpc.SidecarStub(self.channels.channel(address)).Drain(

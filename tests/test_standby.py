@@ -8,13 +8,24 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
+import grpc
 import pytest
 
+from slofleet.api.v1 import memory_pb2 as mpb
+from slofleet.api.v1 import memory_pb2_grpc as mpb_grpc
+from slofleet.api.v1 import sidecar_pb2 as spb
+from slofleet.api.v1 import sidecar_pb2_grpc as spb_grpc
 from slofleet.fleet import InstanceRef, Phase
 from slofleet.instance import InstanceLoad, Pool
-from slofleet.operator.control_loop import ControlLoop, LoopEvent
+from slofleet.operator.control_loop import ControlLoop, LoopEvent, SidecarClient
 from slofleet.operator.metrics import OperatorMetrics
-from slofleet.operator.standby import StandbyManager, excess_parked, serving_replicas, standby_config
+from slofleet.operator.standby import (
+    SidecarMemory,
+    StandbyManager,
+    excess_parked,
+    serving_replicas,
+    standby_config,
+)
 from slofleet.policies.global_autoscaler import FleetObservation, ScaleDecision
 from slofleet.policies.memory_planner import Parked, StandbyConfig
 from slofleet.spec import parse_spec
@@ -350,3 +361,52 @@ async def test_metrics_count_parked_instances_and_events() -> None:
         )
         == 1
     )
+
+
+class _Memory(mpb_grpc.MemoryServicer):
+    """A sidecar's Memory service whose Wake is refused; Status says what is resident."""
+
+    def __init__(self, standby: bool) -> None:
+        self.standby = standby
+
+    async def Status(
+        self, request: mpb.MemoryStatusRequest, context: grpc.aio.ServicerContext
+    ) -> mpb.MemoryStatus:
+        return mpb.MemoryStatus(standby=self.standby, paused=self.standby, resident_weight_bytes=WEIGHTS)
+
+    async def Wake(self, request: mpb.WakeRequest, context: grpc.aio.ServicerContext) -> mpb.MemoryStatus:
+        await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "wake: refused")
+        raise AssertionError("abort raises")
+
+
+class _Sidecar(spb_grpc.SidecarServicer):
+    def __init__(self) -> None:
+        self.drains: list[tuple[bool, float]] = []
+
+    async def Drain(self, request: spb.DrainRequest, context: grpc.aio.ServicerContext) -> spb.DrainResponse:
+        self.drains.append((request.cancel, request.timeout_seconds))
+        return spb.DrainResponse(drained=True)
+
+
+@pytest.mark.parametrize(("still_parked", "expected"), [(False, 0.0), (True, None)])
+async def test_a_refused_wake_reopens_only_an_instance_whose_weights_are_back(
+    still_parked: bool, expected: float | None
+) -> None:
+    """An engine that restarted while parked serves with every weight: re-open it. One that
+    is still parked (its host store lost the weights) must not be re-opened into a paused engine."""
+    server = grpc.aio.server()
+    sidecar = _Sidecar()
+    mpb_grpc.add_MemoryServicer_to_server(_Memory(still_parked), server)
+    spb_grpc.add_SidecarServicer_to_server(sidecar, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    client = SidecarClient(None)
+    try:
+        commands = SidecarMemory(client)
+        assert await commands.wake(f"127.0.0.1:{port}") == expected
+        assert sidecar.drains == ([] if still_parked else [(True, 0.0)])
+        await commands.hold(f"127.0.0.1:{port}")
+        assert sidecar.drains[-1] == (False, 0.5)
+    finally:
+        await client.close()
+        await server.stop(None)
