@@ -3,7 +3,10 @@
 For 1, 16 and 64 concurrent streams, each worker sends streaming completions back to back
 (greedy, ignore_eos, fixed length). Direct and gateway rounds alternate so that drift of the shared
 machine hits both alike. Reported: TTFT p50/p99 (request sent -> first token chunk) of each path,
-the added TTFT (gateway - direct), and output-token throughput with its ratio to direct.
+the added TTFT (gateway - direct), output-token throughput with its ratio to direct, and the
+gateway process's own CPU time per 1,000 relayed tokens (user + system, from /proc): unlike wall
+times it does not depend on what else the machine runs, and on a box where the gateway shares the
+engine's cores it is the CPU the engine loses.
 Targets (issue 5): added p50 <= 2 ms, throughput >= 95 % of direct at 64 streams.
 
     .venv/bin/python bench/gateway_overhead.py [--requests-per-worker 8] [--max-tokens 64]
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import tempfile
 import time
@@ -77,22 +81,33 @@ async def round_(
     return ttfts, tokens, elapsed
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process (fields 14 and 15 of /proc/PID/stat, in clock ticks)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def pct(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
 
 
-async def measure(direct: str, gateway: str, args: argparse.Namespace) -> None:
+async def measure(direct: str, gateway: str, gateway_pid: int, args: argparse.Namespace) -> None:
     # Warm both paths (compile caches, connection pools).
     for base in (direct, gateway):
         await round_(base, 4, 2, args.max_tokens)
     print(f"{'streams':>7} | {'TTFT p50 direct':>15} {'gateway':>8} {'added':>8} | {'TTFT p99 direct':>15} "
-          f"{'gateway':>8} {'added':>8} | {'tok/s direct':>12} {'gateway':>9} {'ratio':>6}")  # fmt: skip
+          f"{'gateway':>8} {'added':>8} | {'tok/s direct':>12} {'gateway':>9} {'ratio':>6} | "
+          f"{'gw CPU ms/1k tok':>16}")  # fmt: skip
     for c in args.concurrency:
         res: dict[str, tuple[list[float], int, float]] = {"d": ([], 0, 0.0), "g": ([], 0, 0.0)}
+        gw_cpu = 0.0
         for _ in range(args.repeats):
             for key, base in (("d", direct), ("g", gateway)):
+                cpu0 = cpu_seconds(gateway_pid)
                 t, n, e = await round_(base, c, args.requests_per_worker, args.max_tokens)
+                if key == "g":
+                    gw_cpu += cpu_seconds(gateway_pid) - cpu0
                 old = res[key]
                 res[key] = (old[0] + t, old[1] + n, old[2] + e)
         (td, nd, ed), (tg, ng, eg) = res["d"], res["g"]
@@ -102,7 +117,7 @@ async def measure(direct: str, gateway: str, args: argparse.Namespace) -> None:
         print(
             f"{c:>7} | {d50 * 1e3:>12.2f} ms {g50 * 1e3:>5.2f} ms {(g50 - d50) * 1e3:>+5.2f} ms | "
             f"{d99 * 1e3:>12.2f} ms {g99 * 1e3:>5.2f} ms {(g99 - d99) * 1e3:>+5.2f} ms | "
-            f"{rd:>12.0f} {rg:>9.0f} {rg / rd:>6.1%}"
+            f"{rd:>12.0f} {rg:>9.0f} {rg / rd:>6.1%} | {gw_cpu / ng * 1e6:>16.1f}"
         )
 
 
@@ -123,7 +138,7 @@ def main() -> int:
         try:
             print(f"vLLM {engine.url} (tiny model, CPU) vs gateway {gw.url}; max_tokens={args.max_tokens}, "
                   f"{args.requests_per_worker} requests/worker x {args.repeats} repeats")  # fmt: skip
-            asyncio.run(measure(engine.url, gw.url, args))
+            asyncio.run(measure(engine.url, gw.url, gw.proc.pid, args))
         finally:
             gw.kill()
     return 0

@@ -90,7 +90,13 @@ def run(args: argparse.Namespace) -> int:
     app = gateway.app()
     if args.sidecar_dns or args.instances_file:
         _add_discovery(app, gateway, args, config.sidecar_token)
-    web.run_app(app, host=config.host, port=config.port, access_log=None, print=None)
+    # uvloop roughly halves the event loop's cost per relayed chunk, CPU the engine on the same
+    # node would otherwise lose (bench/gateway_overhead.py).
+    import uvloop
+
+    web.run_app(
+        app, host=config.host, port=config.port, access_log=None, print=None, loop=uvloop.new_event_loop()
+    )
     return 0
 
 
