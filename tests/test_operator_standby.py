@@ -157,5 +157,7 @@ async def test_scale_in_parks_up_to_the_standby_count_and_the_next_burst_wakes_t
                 WITHIN_S,
             )
             assert [e for e in events(server) if e["reason"] == "WokeFromStandby"]
-            assert len(controllers.created) - created_before == 1  # 1 serving + 2 woken + 1 new
+            # 1 serving + 2 woken + 1 new pod (the kubelet records a pod just after creating it).
+            await until(lambda: len(controllers.created) == created_before + 1, "one pod created", WITHIN_S)
+            assert woken <= set(live(server, "v1/pods")), "a woken pod was replaced instead"
             assert live(server, LLMS)["tiny"]["status"]["standbyReplicas"] == 0
