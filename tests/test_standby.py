@@ -5,8 +5,11 @@ capacity while the backend keeps it in its replicas."""
 
 from __future__ import annotations
 
+import argparse
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import grpc
 import pytest
@@ -17,6 +20,7 @@ from slofleet.api.v1 import sidecar_pb2 as spb
 from slofleet.api.v1 import sidecar_pb2_grpc as spb_grpc
 from slofleet.fleet import InstanceRef, Phase
 from slofleet.instance import InstanceLoad, Pool
+from slofleet.local import status as local_status
 from slofleet.operator.control_loop import ControlLoop, LoopEvent, SidecarClient
 from slofleet.operator.metrics import OperatorMetrics
 from slofleet.operator.standby import (
@@ -410,3 +414,25 @@ async def test_a_refused_wake_reopens_only_an_instance_whose_weights_are_back(
     finally:
         await client.close()
         await server.stop(None)
+
+
+def test_local_status_shows_parked_instances(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    instances = [
+        {"instance_id": "tiny-mixed-0", "pool": "mixed", "phase": "ready"},
+        {"instance_id": "tiny-mixed-1", "pool": "mixed", "phase": "standby"},
+    ]
+    state = {
+        "service": "tiny",
+        "model": "m",
+        "gateway_url": "http://gw",
+        "counters": {},
+        "instances": instances,
+    }
+    (tmp_path / "state.json").write_text(json.dumps(state))
+    monkeypatch.setattr(local_status, "gateway_status", lambda url: {"instances": []})
+    assert local_status.main(argparse.Namespace(state_dir=tmp_path, json=False)) == 0
+    out = capsys.readouterr().out
+    assert "standby 1" in out
+    assert any(line.startswith("tiny-mixed-1") and " standby " in line for line in out.splitlines())
