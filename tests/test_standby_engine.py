@@ -58,6 +58,11 @@ async def memory_status(address: str) -> mpb.MemoryStatus:
         )
 
 
+async def health(engine_url: str) -> int:
+    async with aiohttp.ClientSession() as session, session.get(f"{engine_url}/health") as resp:
+        return resp.status
+
+
 async def complete(engine_url: str) -> str:
     body = {"model": "standby", "prompt": "The quick brown fox", "max_tokens": 8, "temperature": 0}
     async with (
@@ -111,6 +116,9 @@ async def test_local_instance_parks_then_wakes_on_scale_out_and_serves(tmp_path:
             status = await memory_status(ref.sidecar_address)
             assert status.standby and status.paused and status.resident_weight_bytes == 0
             assert [e.kind for e in events if e.kind in ("park", "wake")] == ["park"]
+            # A pod's readiness and liveness probes read the engine's /health: parked stays healthy
+            # (a failing probe would restart the container and lose the parked state).
+            assert await health(ref.engine_url) == 200
 
             # Parked is not capacity: the next observation sees 0 mixed replicas and no load.
             autoscaler.target = 0
