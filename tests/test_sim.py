@@ -15,6 +15,7 @@ from slofleet.instance import Pool
 from slofleet.policies.baselines import HpaConfig, StaticAutoscaler, UtilizationAutoscaler
 from slofleet.policies.global_autoscaler import ChironAutoscaler, PoolBounds
 from slofleet.sim.simulator import SimConfig, Simulator, SloSpec
+from slofleet.sim.sizing import peak_instances
 from slofleet.sim.traces import Trace, load_trace, shape
 from slofleet.sim.workload import make_batch_jobs
 
@@ -257,3 +258,18 @@ def test_results_are_pinned_across_simulator_optimizations(name: str) -> None:
     assert r.gpu_hours == pytest.approx(PINNED[name][5], rel=1e-12)
     assert float(r.ttft.sum()) == pytest.approx(PINNED[name][6], rel=1e-12)
     assert float(r.itl.sum()) == pytest.approx(PINNED[name][7], rel=1e-12)
+
+
+def test_static_is_sized_for_the_busiest_window_with_a_batch_partition() -> None:
+    """The busiest 10 s of a bursty trace run above its busiest minute, and batch work gets its
+    own instances: that is the fleet that holds the SLO at the peak."""
+    t = np.concatenate([np.linspace(0, 60, 120, endpoint=False), 60 + np.linspace(0, 5, 100, endpoint=False)])
+    trace = Trace("burst", t, np.full(len(t), 100), np.full(len(t), 10))
+    jobs = make_batch_jobs(
+        jobs=1, requests_per_job=100, deadline_s=100, first_submit_s=0, last_submit_s=0, lengths_from=trace
+    )
+    minute = peak_instances(trace, jobs, capacity_rps=2.0, window_s=60.0)
+    peak = peak_instances(trace, jobs, capacity_rps=2.0)
+    assert peak.interactive_peak_rps == pytest.approx(10.0)  # 100 requests in the 10 s from 60 s
+    assert minute.interactive_peak_rps == pytest.approx(2.0)
+    assert peak.batch_instances == 1 and peak.instances == 5 + 1 > minute.instances

@@ -5,7 +5,8 @@ Each runs the whole fleet as one mixed pool with the engine's fixed concurrency 
 deployed in practice. They implement the same `Autoscaler` protocol as `ChironAutoscaler`, so the
 simulator (and, if wanted, the operator) runs them through the same loop:
 
-- `StaticAutoscaler`: a fixed count, provisioned for the peak (the cost reference).
+- `StaticAutoscaler`: a fixed count, provisioned for the peak (the cost reference); optionally
+  partitioned into interactive and batch instances.
 - `UtilizationAutoscaler`: the Kubernetes HPA algorithm on a utilization metric (mean KV usage or
   mean running requests per instance), with its default 10 % tolerance, 300 s scale-down
   stabilization and scale-up limit of max(4 pods, 100 %) per period.
@@ -42,20 +43,43 @@ def _serving(obs: FleetObservation) -> list[InstanceLoad]:
 
 
 class StaticAutoscaler:
-    """Always `replicas` instances: peak provisioning."""
+    """Always `replicas` instances: peak provisioning.
+
+    With `batch_replicas`, the fleet is partitioned as a capacity planner with a batch workload
+    provisions it: `replicas` interactive-only instances sized for the interactive peak and
+    `batch_replicas` batch-only ones sized for the batch throughput. Without a partition, batch
+    work (which has no preemption here) fills every instance and an interactive SLO cannot be held
+    at any size: on the azure-conv target run, 67 mixed instances reach 96 % attainment with
+    batch and 99.96 % without it."""
 
     name = "static-peak"
-    pools = _POOLS
     preempts_batch = False
     uses_local_autoscaler = False
 
-    def __init__(self, replicas: int) -> None:
-        if replicas < 1:
-            raise ValueError(f"replicas={replicas}: static provisioning needs at least 1 instance")
+    def __init__(self, replicas: int, batch_replicas: int = 0) -> None:
+        if replicas < 1 or batch_replicas < 0:
+            raise ValueError(
+                f"replicas={replicas}, batch_replicas={batch_replicas}: static provisioning needs at "
+                "least 1 instance and no negative batch partition"
+            )
         self.replicas = replicas
+        self.batch_replicas = batch_replicas
+        self.pools: tuple[Pool, ...] = (Pool.INTERACTIVE, Pool.BATCH) if batch_replicas else _POOLS
+
+    def initial(self) -> dict[Pool, int]:
+        """The fleet it holds, for a caller that starts it warm."""
+        if self.batch_replicas:
+            return {Pool.INTERACTIVE: self.replicas, Pool.BATCH: self.batch_replicas}
+        return {Pool.MIXED: self.replicas}
 
     def decide(self, obs: FleetObservation) -> ScaleDecision:
-        return _decision(obs, self.replicas, f"static provisioning at {self.replicas}")
+        if not self.batch_replicas:
+            return _decision(obs, self.replicas, f"static provisioning at {self.replicas}")
+        targets = self.initial()
+        cur = {p: int(obs.replicas.get(p, 0)) for p in targets}
+        scale_in = {p: choose_scale_in(obs.loads, p, cur[p] - n) for p, n in targets.items() if n < cur[p]}
+        reasons = {p: f"static provisioning at {n} {p.value}" for p, n in targets.items()}
+        return ScaleDecision(obs.now_s, cur, targets, reasons, scale_in)
 
 
 @dataclass(frozen=True, slots=True)

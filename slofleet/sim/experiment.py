@@ -71,7 +71,9 @@ def build_policy(name: str, exp: Experiment, peak: PeakEstimate) -> Autoscaler:
     bounds = PoolBounds(1, cap)
     hpa = HpaConfig(bounds=bounds)
     if name == "static-peak":
-        return StaticAutoscaler(static_n)
+        if exp.static_replicas:
+            return StaticAutoscaler(exp.static_replicas)
+        return StaticAutoscaler(peak.instances - peak.batch_instances, peak.batch_instances)
     if name == "hpa-utilization":
         target = exp.hpa_target or (
             0.8 * peak.concurrency_at_capacity if exp.hpa_metric == "running" else 0.7
@@ -93,13 +95,14 @@ def build_policy(name: str, exp: Experiment, peak: PeakEstimate) -> Autoscaler:
 
 
 def initial_replicas(policy: Autoscaler, exp: Experiment, peak: PeakEstimate) -> dict[Pool, int]:
-    """Every autoscaled policy starts warm, sized for the busiest of the first three minutes: a
-    trace's first minute under-counts (requests already in flight when recording began are not in
-    it), while the fleet it was recorded on had been running. Static starts at its fixed size."""
+    """Every autoscaled policy starts warm, sized by the static rule (`sizing.peak_instances`:
+    busiest `peak.window_s` at the probed capacity) for the first three minutes: a trace's first
+    minute under-counts (requests already in flight when recording began are not in it), while the
+    fleet it was recorded on had been running. Static starts at its fixed size."""
     if isinstance(policy, StaticAutoscaler):
-        return {Pool.MIXED: policy.replicas}
-    per_minute = exp.trace.per_minute_rate()
-    rate = float(per_minute[:3].max()) if len(per_minute) else 0.0
+        return policy.initial()
+    windows = exp.trace.rate_per_window(peak.window_s)
+    rate = float(windows[: max(1, int(180.0 // peak.window_s))].max()) if len(windows) else 0.0
     n0 = max(2, math.ceil(rate / peak.capacity_rps)) if peak.capacity_rps > 0 else 2
     if Pool.INTERACTIVE in policy.pools:
         mixed = max(1, math.ceil(exp.chiron.mixed_fraction * n0))

@@ -80,6 +80,14 @@ def instance_capacity(
     return lo, concurrency[lo]
 
 
+PEAK_WINDOW_S = 10.0
+"""Window over which the peak rate is taken. A minute hides the bursts that break a latency SLO:
+on the Azure conversation trace the busiest 10 s run 22 % above the busiest minute, and a static
+fleet sized for the busiest minute misses the SLO for whole seconds at a time (92.6 % attainment).
+Ten seconds is ten TTFT SLOs: a burst shorter than that is absorbed by the queueing the capacity
+probe already measured (Poisson arrivals at 99 % attainment), a longer one is not."""
+
+
 @dataclass(frozen=True)
 class PeakEstimate:
     capacity_rps: float
@@ -87,22 +95,31 @@ class PeakEstimate:
     batch_rps: float
     instances: int
     concurrency_at_capacity: float = 0.0
+    window_s: float = PEAK_WINDOW_S
+    # of `instances`, those for the batch work (a static fleet runs them as a batch partition)
+    batch_instances: int = 0
 
     def describe(self) -> str:
         return (
             f"one instance carries {self.capacity_rps:.2f} req/s within the SLO "
-            f"({self.concurrency_at_capacity:.0f} in flight); peak minute "
+            f"({self.concurrency_at_capacity:.0f} in flight); peak {self.window_s:g} s "
             f"{self.interactive_peak_rps:.1f} req/s interactive + {self.batch_rps:.1f} req/s batch "
-            f"(spread over its deadlines) -> {self.instances} instances"
+            f"(spread over its deadlines) -> {self.instances} instances "
+            f"({self.instances - self.batch_instances} interactive + {self.batch_instances} batch)"
         )
 
 
 def peak_instances(
-    trace: Trace, jobs: list[BatchJob], capacity_rps: float, concurrency: float = 0.0
+    trace: Trace,
+    jobs: list[BatchJob],
+    capacity_rps: float,
+    concurrency: float = 0.0,
+    window_s: float = PEAK_WINDOW_S,
 ) -> PeakEstimate:
-    """Instances for the busiest minute of interactive traffic plus batch work spread evenly
-    over each job's window (what a capacity planner provisioning for the peak would buy)."""
-    peak = float(trace.per_minute_rate().max()) if len(trace) else 0.0
+    """Instances for the busiest `window_s` of interactive traffic plus batch work spread evenly
+    over each job's window: what a capacity planner provisioning for the peak buys, so that the
+    static fleet meets the SLO at the peak (see `PEAK_WINDOW_S`)."""
+    peak = float(trace.rate_per_window(window_s).max()) if len(trace) else 0.0
     batch = max(
         (
             sum(len(j) / max(j.deadline_s - j.submit_s, 1.0) for j in jobs if j.submit_s <= t < j.deadline_s)
@@ -110,5 +127,6 @@ def peak_instances(
         ),
         default=0.0,
     )
-    n = max(1, math.ceil((peak + batch) / capacity_rps)) if capacity_rps > 0 else 1
-    return PeakEstimate(capacity_rps, peak, batch, n, concurrency)
+    n_int = max(1, math.ceil(peak / capacity_rps)) if capacity_rps > 0 else 1
+    n_batch = math.ceil(batch / capacity_rps) if capacity_rps > 0 and batch > 0 else 0
+    return PeakEstimate(capacity_rps, peak, batch, n_int + n_batch, concurrency, window_s, n_batch)

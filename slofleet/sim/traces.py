@@ -43,10 +43,14 @@ class Trace:
 
     def per_minute_rate(self) -> np.ndarray:
         """Requests per second in each full minute from the first arrival."""
+        return self.rate_per_window(60.0)
+
+    def rate_per_window(self, window_s: float) -> np.ndarray:
+        """Requests per second in each `window_s`-long window from the first arrival."""
         if not len(self):
             return np.zeros(0)
-        counts = np.bincount((self.arrival_s // 60).astype(np.int64))
-        return counts / 60.0
+        counts = np.bincount((self.arrival_s // window_s).astype(np.int64))
+        return counts / window_s
 
 
 def _parse_azure_time(text: str) -> float:
