@@ -206,6 +206,31 @@ def test_static_never_changes() -> None:
         assert d.targets == {Pool.MIXED: 7} and not d.changed
 
 
+def test_static_with_a_batch_partition_holds_both_pools() -> None:
+    scaler = StaticAutoscaler(7, batch_replicas=2)
+    assert scaler.pools == (Pool.INTERACTIVE, Pool.BATCH)
+    assert scaler.initial() == {Pool.INTERACTIVE: 7, Pool.BATCH: 2}
+    for demand in (0, 10, 10_000):
+        d = scaler.decide(fleet_obs(0.0, {Pool.INTERACTIVE: 7, Pool.BATCH: 2}, demand))
+        assert d.targets == {Pool.INTERACTIVE: 7, Pool.BATCH: 2} and not d.changed
+    d = scaler.decide(fleet_obs(0.0, {Pool.INTERACTIVE: 9, Pool.BATCH: 2}, 0))
+    assert d.targets[Pool.INTERACTIVE] == 7 and len(d.scale_in[Pool.INTERACTIVE]) == 2
+
+
+def test_mixed_limits_inflated_by_batch_do_not_hide_interactive_demand() -> None:
+    """A mixed instance's limit also counts batch work; interactive capacity is read from the
+    interactive instances, so huge mixed limits do not stop a needed scale-out."""
+    obs = fleet_obs(0.0, {Pool.INTERACTIVE: 4, Pool.MIXED: 1}, 5 * 20, limit=20)
+    inflated = tuple(
+        ld if ld.pool != Pool.MIXED else load(ld.instance_id, Pool.MIXED, ld.in_flight, 10_000)
+        for ld in obs.loads
+    )
+    d = ChironAutoscaler().decide(
+        FleetObservation(**{**{f: getattr(obs, f) for f in obs.__slots__}, "loads": inflated})
+    )
+    assert d.targets[Pool.INTERACTIVE] + d.targets[Pool.MIXED] > 5
+
+
 # ---- global autoscaler: stability and reaction ---------------------------------------------------
 
 
