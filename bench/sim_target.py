@@ -48,6 +48,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument("--capacity-rps", type=float, default=0.0)
     p.add_argument("--concurrency", type=float, default=0.0)
+    p.add_argument(
+        "--jitter", type=float, default=1.0, help="seconds over which copies of a scaled request spread"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None)
     return p.parse_args(argv)
@@ -61,7 +64,7 @@ def build(args: argparse.Namespace):
     if not cap or not conc:
         cap, conc = instance_capacity(base, cal, slo, seed=args.seed)
     load_scale = args.peak_instances * cap / float(base.per_minute_rate().max())
-    trace = shape(base, load_scale=load_scale, seed=args.seed)
+    trace = shape(base, load_scale=load_scale, jitter_s=args.jitter, seed=args.seed)
     jobs = make_batch_jobs(
         jobs=args.batch_jobs, requests_per_job=args.batch_requests, deadline_s=args.batch_deadline,
         first_submit_s=0.0, last_submit_s=args.batch_last_submit, lengths_from=base, seed=args.seed,
