@@ -333,7 +333,10 @@ class ControlLoop:
     async def _migrate_out(
         self, victims: Sequence[str], loads: Sequence[InstanceLoad], by_id: Mapping[str, InstanceRef]
     ) -> dict[str, int]:
-        return await self.rescheduler.drain(victims, loads, by_id) if self.rescheduler is not None else {}
+        if self.rescheduler is None:
+            return {}
+        refs = list(by_id.values())
+        return await self.rescheduler.drain(victims, loads, by_id, reload=lambda: self._loads(refs))
 
     async def _standby_event(self, kind: str, reason: str, message: str) -> None:
         await self.on_event(LoopEvent(kind, reason, message))

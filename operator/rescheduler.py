@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import grpc
@@ -52,6 +52,8 @@ class ReschedulerConfig:
     max_stages: int = 8
     cutover_blocks: int = 2
     timeout_seconds: float = 120.0
+    # Planning rounds of a scale-in drain (each on fresh Load when the caller can reload it).
+    drain_rounds: int = 3
 
 
 def config_from_spec(spec: LLMServiceSpec) -> ReschedulerConfig | None:
@@ -200,29 +202,42 @@ class Rescheduler:
         return started
 
     async def drain(
-        self, victims: Collection[str], loads: Sequence[InstanceLoad], refs: Mapping[str, InstanceRef]
+        self,
+        victims: Collection[str],
+        loads: Sequence[InstanceLoad],
+        refs: Mapping[str, InstanceRef],
+        reload: Callable[[], Awaitable[Sequence[InstanceLoad]]] | None = None,
     ) -> dict[str, int]:
         """Migrate every running request off the victims, `max_concurrent` at a time, and wait for
-        all; returns the count of each outcome. What did not move is left to the sidecar's Drain."""
+        all; returns the count of each outcome. With `reload`, plans again on fresh Load after each
+        round (a Load read while requests start may count fewer running than were reported), for
+        requests not tried yet, up to `drain_rounds`. What did not move is left to the sidecar's Drain."""
+        counts: dict[str, int] = {}
         if Reason.DRAIN not in self.config.reasons:
-            return {}
-        plan = [
-            m
-            for m in plan_drain(loads, self.config, self.in_flight, victims)
-            if m.source in refs and m.destination in refs
-        ]
+            return counts
+        tried: set[str] = set()
         limit = asyncio.Semaphore(max(1, self.config.max_concurrent))
 
         async def one(m: Migration) -> MigrationResult:
             async with limit:
                 return await self._run(m, refs)
 
-        for m in plan:
-            self.in_flight[m.request_id] = m
-        results = await asyncio.gather(*(one(m) for m in plan))
-        counts: dict[str, int] = {}
-        for r in results:
-            counts[r.outcome] = counts.get(r.outcome, 0) + 1
+        for _ in range(self.config.drain_rounds):
+            plan = [
+                m
+                for m in plan_drain(loads, self.config, {*self.in_flight, *tried}, victims)
+                if m.source in refs and m.destination in refs
+            ]
+            if not plan:
+                break
+            for m in plan:
+                self.in_flight[m.request_id] = m
+                tried.add(m.request_id)
+            for r in await asyncio.gather(*(one(m) for m in plan)):
+                counts[r.outcome] = counts.get(r.outcome, 0) + 1
+            if reload is None:
+                break
+            loads = await reload()
         return counts
 
     def _start(self, m: Migration, refs: Mapping[str, InstanceRef]) -> None:

@@ -227,3 +227,28 @@ async def test_control_loop_migrates_the_victims_requests_out_before_lowering_re
     else:
         assert client.calls == [] and "migrations: {}" in drain.message
     assert order == ["drain a"]
+
+
+async def test_drain_plans_again_on_fresh_load_for_requests_it_did_not_see_running() -> None:
+    client = FakeClient()
+    client.release.set()
+
+    async def sink(e: LoopEvent) -> None:
+        pass
+
+    r = Rescheduler("ns/resched-reload", CFG, client, sink)  # type: ignore[arg-type]
+    both = [req("a0", 800), req("a1", 900)]
+    # The first Load was read while a1 was being scheduled: the engine counted one running.
+    first = [inst("a", both, running=1), inst("b", [])]
+    fresh = [inst("a", both), inst("b", [])]
+    reloads = 0
+
+    async def reload() -> list[InstanceLoad]:
+        nonlocal reloads
+        reloads += 1
+        return fresh
+
+    counts = await r.drain(["a"], first, refs("a", "b"), reload=reload)
+    assert counts == {"migrated": 2} and [c[2] for c in client.calls] == ["a0", "a1"]
+    assert reloads == 2  # after the round that moved a0, and after the one that moved a1
+    await r.close()
