@@ -26,6 +26,7 @@ from prometheus_client import CollectorRegistry
 
 from slofleet.api.v1 import migration_pb2 as pb
 from slofleet.api.v1 import migration_pb2_grpc as pb_grpc
+from slofleet.operator.render import kv_transfer_config_args
 from slofleet.sidecar.migration.engine_link import KVControl
 from slofleet.sidecar.migration.service import (
     GRPC_OPTIONS,
@@ -35,18 +36,8 @@ from slofleet.sidecar.migration.service import (
 )
 from tests.enginectl import VllmServer, free_port, start_vllm
 
-CONNECTOR = "SlofleetMigrationConnector"
-CONNECTOR_MODULE = "slofleet.sidecar.vllm_ext.kv_connector"
-
-
-def connector_args(control_socket: str) -> list[str]:
-    cfg = {
-        "kv_connector": CONNECTOR,
-        "kv_role": "kv_both",
-        "kv_connector_module_path": CONNECTOR_MODULE,
-        "kv_connector_extra_config": {"control_socket": control_socket},
-    }
-    return ["--kv-transfer-config", json.dumps(cfg)]
+# The engine arguments the product renders, so the tests load the connector exactly as pods do.
+connector_args = kv_transfer_config_args
 
 
 @dataclass
@@ -69,9 +60,9 @@ class Node:
         return pb_grpc.MigrationStub(grpc.aio.insecure_channel(self.grpc_addr, options=GRPC_OPTIONS))
 
 
-def start_engine(name: str, model: str | Path, engine_args: Sequence[str], max_model_len: int) -> tuple[
-    VllmServer, str
-]:
+def start_engine(
+    name: str, model: str | Path, engine_args: Sequence[str], max_model_len: int
+) -> tuple[VllmServer, str]:
     sock_dir = Path(tempfile.mkdtemp(prefix=f"slofleet-{name}-", dir="/dev/shm"))
     sock = str(sock_dir / "kv.sock")
     server = start_vllm(model, extra_args=[*connector_args(sock), *engine_args], max_model_len=max_model_len)
@@ -91,15 +82,24 @@ async def start_node(name: str, server: VllmServer, sock: str, **service_args: o
 
 
 async def migrate(
-    source: Node, target: Node | str, request_id: str, *, max_stages: int = 8, cutover_blocks: int = 2,
+    source: Node,
+    target: Node | str,
+    request_id: str,
+    *,
+    max_stages: int = 8,
+    cutover_blocks: int = 2,
     target_instance: str | None = None,
 ) -> list[pb.MigrationProgress]:
     """MigrateOut on the source's sidecar, as the operator calls it; returns every progress message."""
     addr = target.grpc_addr if isinstance(target, Node) else target
     inst = target_instance or (target.name if isinstance(target, Node) else "gone")
     req = pb.MigrateOutRequest(
-        request_id=request_id, target_sidecar=addr, target_instance=inst, max_stages=max_stages,
-        cutover_blocks=cutover_blocks, timeout_seconds=120,
+        request_id=request_id,
+        target_sidecar=addr,
+        target_instance=inst,
+        max_stages=max_stages,
+        cutover_blocks=cutover_blocks,
+        timeout_seconds=120,
     )
     async with grpc.aio.insecure_channel(source.grpc_addr, options=GRPC_OPTIONS) as ch:
         return [p async for p in pb_grpc.MigrationStub(ch).MigrateOut(req)]
@@ -130,7 +130,10 @@ class StreamResult:
 
 
 async def _stream(
-    session: aiohttp.ClientSession, leg: Leg, body: dict[str, object], request_id: str,
+    session: aiohttp.ClientSession,
+    leg: Leg,
+    body: dict[str, object],
+    request_id: str,
     received: asyncio.Queue[int] | None,
 ) -> AsyncIterator[tuple[list[int], str | None]]:
     async with session.post(
@@ -175,8 +178,13 @@ async def generate_following_moves(
         leg = Leg(node.url, kv_transfer_params=kv_params)
         legs.append(leg)
         body: dict[str, object] = {
-            "model": model, "prompt": prompt + tokens, "max_tokens": max_tokens - len(tokens),
-            "temperature": 0, "ignore_eos": True, "stream": True, "return_token_ids": True,
+            "model": model,
+            "prompt": prompt + tokens,
+            "max_tokens": max_tokens - len(tokens),
+            "temperature": 0,
+            "ignore_eos": True,
+            "stream": True,
+            "return_token_ids": True,
         }
         if kv_params:
             body["kv_transfer_params"] = kv_params
@@ -203,10 +211,17 @@ async def generate_following_moves(
         attempt += 1
 
 
-async def complete(session: aiohttp.ClientSession, url: str, model: str, prompt: list[int],
-                   max_tokens: int) -> list[int]:
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
-            "ignore_eos": True, "return_token_ids": True}
+async def complete(
+    session: aiohttp.ClientSession, url: str, model: str, prompt: list[int], max_tokens: int
+) -> list[int]:
+    body = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "return_token_ids": True,
+    }
     async with session.post(url + "/v1/completions", json=body) as resp:
         data = await resp.json()
     return list(data["choices"][0]["token_ids"])
