@@ -2,7 +2,7 @@
 
 For 1, 16 and 64 concurrent streams, each worker sends streaming completions back to back
 (greedy, ignore_eos, fixed length). Direct and gateway rounds alternate so that drift of the shared
-machine hits both alike. Reported: TTFT p50/p99 (request sent -> first token chunk) of each path,
+machine hits both alike. Reported: TTFT p50/p99 (request sent -> first chunk carrying token ids) of each path,
 the added TTFT (gateway - direct), output-token throughput with its ratio to direct, and the
 gateway process's own CPU time per 1,000 relayed tokens (user + system, from /proc): unlike wall
 times it does not depend on what else the machine runs, and on a box where the gateway shares the
@@ -42,10 +42,13 @@ async def one_stream(session: aiohttp.ClientSession, url: str, body: bytes) -> t
             if not line.startswith(b"data: {"):
                 continue
             chunk = json.loads(line[6:])
-            if chunk["choices"] and chunk["choices"][0].get("text"):
-                if ttft < 0:
-                    ttft = time.perf_counter() - t0
-            tokens += len(chunk["choices"][0].get("token_ids") or ()) if chunk["choices"] else 0
+            # The first token is the first chunk carrying token ids: its text may be empty (the
+            # random tiny model's tokens are often partial UTF-8), which made "first text" a
+            # measure of the whole generation.
+            n = len(chunk["choices"][0].get("token_ids") or ()) if chunk["choices"] else 0
+            if n and ttft < 0:
+                ttft = time.perf_counter() - t0
+            tokens += n
     return ttft, tokens
 
 
@@ -93,9 +96,11 @@ def pct(xs: list[float], q: float) -> float:
 
 
 async def measure(direct: str, gateway: str, gateway_pid: int, args: argparse.Namespace) -> None:
-    # Warm both paths (compile caches, connection pools).
-    for base in (direct, gateway):
-        await round_(base, 4, 2, args.max_tokens)
+    # Warm both paths at every concurrency: the CPU engine compiles each new batch shape once, and
+    # the first round to meet one would otherwise carry that cost.
+    for c in args.concurrency:
+        for base in (direct, gateway):
+            await round_(base, c, 2, args.max_tokens)
     print(f"{'streams':>7} | {'TTFT p50 direct':>15} {'gateway':>8} {'added':>8} | {'TTFT p99 direct':>15} "
           f"{'gateway':>8} {'added':>8} | {'tok/s direct':>12} {'gateway':>9} {'ratio':>6} | "
           f"{'gw CPU ms/1k tok':>16}")  # fmt: skip
