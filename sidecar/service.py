@@ -201,6 +201,15 @@ class SidecarService(pb_grpc.SidecarServicer):
     ) -> pb.ReportRequestsResponse:
         accepted = 0
         state = self.state
+        # The gateway keeps this stream open for as long as it runs: events must reach the Load
+        # while it is open, not when it closes. One publish per loop turn covers a burst of events.
+        loop = asyncio.get_running_loop()
+        pending: list[asyncio.Handle] = []
+
+        def publish() -> None:
+            pending.clear()
+            state.requests_reported()
+
         try:
             async for event in request_iterator:
                 path = f"events[{accepted}].request"
@@ -213,11 +222,15 @@ class SidecarService(pb_grpc.SidecarServicer):
                 else:
                     raise InvalidArgument(f"events[{accepted}].kind: must be ADMITTED, PROGRESS or FINISHED")
                 accepted += 1
+                if not pending:
+                    pending.append(loop.call_soon(publish))
         except InvalidArgument as e:
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, f"{e} ({accepted} earlier events were applied)"
             )
         finally:
+            for handle in pending:
+                handle.cancel()
             state.requests_reported()
         return pb.ReportRequestsResponse(events_accepted=accepted)
 

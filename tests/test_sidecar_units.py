@@ -3,6 +3,7 @@ request validation. The engine-backed behaviour is in test_sidecar_engine.py."""
 
 from __future__ import annotations
 
+import asyncio
 import math
 import os
 
@@ -13,6 +14,7 @@ from slofleet.instance import RequestClass, RequestInfo
 from slofleet.sidecar.enginemetrics import EngineMetricsError, EngineSample, Histogram, parse_engine_metrics
 from slofleet.sidecar.service import (
     InvalidArgument,
+    SidecarService,
     request_from_pb,
     validate_drain_timeout,
     validate_limit,
@@ -145,6 +147,45 @@ def test_state_snapshot_counts_engine_and_reported_requests():
     st.request_finished("c")
     st.requests_reported()
     assert [r.request_id for r in st.snapshot.requests] == ["a", "b"]
+
+
+async def test_reported_requests_reach_the_load_while_the_report_stream_stays_open():
+    """The gateway keeps one ReportRequests stream open per sidecar for as long as it runs; a
+    request it reports must show in Load (what the rescheduler picks migrations from) at once, not
+    when the stream closes or at the next engine scrape."""
+    st = SidecarState("i", concurrency_limit=8)
+    st.observe(parse_engine_metrics(page(running=0, waiting=0, usage=0.0, blocks=100)))
+    service = SidecarService(st, engine_url="http://engine")
+    sent, release = asyncio.Event(), asyncio.Event()
+
+    async def events():
+        for rid in ("r1", "r2"):
+            yield pb.RequestEvent(
+                kind=pb.RequestEvent.KIND_ADMITTED,
+                request=pb.RequestInfo(
+                    request_id=rid, request_class=pb.REQUEST_CLASS_INTERACTIVE, prompt_tokens=10,
+                    max_tokens=20,
+                ),
+            )  # fmt: skip
+        sent.set()
+        await release.wait()
+        yield pb.RequestEvent(kind=pb.RequestEvent.KIND_FINISHED, request=pb.RequestInfo(request_id="r1"))
+        sent.set()
+        await release.wait()
+
+    stream = asyncio.create_task(service.ReportRequests(events(), None))
+    await asyncio.wait_for(sent.wait(), 5)
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert [r.request_id for r in st.snapshot.requests] == ["r1", "r2"]
+    sent.clear()
+    release.set()
+    await asyncio.wait_for(sent.wait(), 5)
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert [r.request_id for r in st.snapshot.requests] == ["r2"]
+    reply = await asyncio.wait_for(stream, 5)
+    assert reply.events_accepted == 3
 
 
 def test_state_publishes_changes_not_drift():
