@@ -121,11 +121,6 @@ def test_status_shows_instances_with_load_and_limits(fleet: Fleet) -> None:
     assert len(rows) == 2 and all(" ready " in r for r in rows), out.stdout
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="known race: failed once in a quiet CI run of 2026-11-26 "
-    "(the fleet recovered but the replacement counter read 0); passed in two other CI runs",
-)
 def test_killed_engine_loses_no_request_and_fleet_recovers(fleet: Fleet, tmp_path: Path) -> None:
     before = fleet.state()
     victim = before["instances"][0]

@@ -65,7 +65,9 @@ class LocalFleet:
             raise ValueError(f"replicas: must be >= 0, got {replicas}")
         async with self._lock:
             self._desired[pool] = replicas
-            self._mark_dead()
+            # Only what `instances()` already reported as failed is reaped here: an instance that
+            # died since then is left for the next step to see, so that its replacement is counted
+            # and evented (the control loop reports the failed refs it was given).
             changed = await self._reap_failed(pool)
             members = [i for i in self._instances.values() if i.pool == pool]
             if len(members) > replicas:
