@@ -25,6 +25,7 @@ import aiohttp
 import grpc
 import pytest
 from enginectl import PROJECT_ENGINE_ARGS, VllmServer, free_port, start_vllm
+from throttle import EngineThrottle
 
 from slofleet.api.v1 import memory_pb2 as pb
 from slofleet.api.v1 import memory_pb2_grpc as pb_grpc
@@ -196,14 +197,17 @@ async def test_drop_and_restore_under_16_streams(
 ) -> None:
     progress: dict[int, int] = {}
     async with aiohttp.ClientSession() as http:
-        tasks = [asyncio.create_task(_stream(http, engine.url, i, progress)) for i in range(STREAMS)]
-        # Drop once half the streams decode: waiting for all 16 raced on a loaded box, where the
-        # last stream got its first token only after the others had finished.
-        while len([n for n in progress.values() if n >= 8]) < STREAMS // 2:
-            assert not any(t.done() and t.exception() for t in tasks)
-            await asyncio.sleep(0.005)
-        dropped = await memory.DropLayers(pb.DropLayersRequest(layers=[2, 3, 4]))
-        at_pause = dict(progress)
+        # Throttled until the drop has paused the engine: a quiet box otherwise decodes all 900
+        # tokens of every stream before the drop lands.
+        with EngineThrottle():
+            tasks = [asyncio.create_task(_stream(http, engine.url, i, progress)) for i in range(STREAMS)]
+            # Drop once half the streams decode: waiting for all 16 raced on a loaded box, where the
+            # last stream got its first token only after the others had finished.
+            while len([n for n in progress.values() if n >= 8]) < STREAMS // 2:
+                assert not any(t.done() and t.exception() for t in tasks)
+                await asyncio.sleep(0.005)
+            dropped = await memory.DropLayers(pb.DropLayersRequest(layers=[2, 3, 4]))
+            at_pause = dict(progress)
         assert list(dropped.dropped_layers) == [2, 3, 4] and dropped.layers_resident == 5
         assert dropped.paused and dropped.dropped_weight_bytes > 0 and dropped.last_operation_bytes > 0
         in_flight = [i for i, n in at_pause.items() if n < MAX_TOKENS]

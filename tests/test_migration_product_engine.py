@@ -43,12 +43,22 @@ from slofleet.sidecar.runtime import Sidecar, SidecarConfig
 from slofleet.tinymodel import ensure_tiny_model
 from tests.enginectl import PROJECT_ENGINE_ARGS, VllmServer, free_port, start_vllm
 from tests.migration_support import complete, connector_args, prompt_tokens_by_source
+from tests.throttle import EngineThrottle
 
 pytestmark = pytest.mark.engine
 
 BLOCK = 128
 MAX_LEN = 4096
 TOKEN = "migration-test-token"
+
+# Still flaky here even with the engines throttled (issue 7): on this 2-vCPU VM, processes that wait
+# on a socket or a timer (the test's loop, curl in a probe) sometimes do not run for seconds while an
+# engine decodes, then catch up in one burst; a request can end inside such a stall before the test
+# acts on it. Measured with curl against a bare engine (no slofleet code): about 250 tokens, an 8 s
+# stall, then the other 2,750 tokens of the 3,000 at once.
+KNOWN_STALL = pytest.mark.xfail(
+    strict=False, reason="client-side scheduling stalls on the 2-vCPU test VM while an engine decodes"
+)
 
 
 @dataclass
@@ -200,7 +210,10 @@ async def start_stream(
     await asyncio.wait_for(stream.started.wait(), 300)
     for _ in range(30000):
         state = fleet.gateway.relay.active.get(stream.request_id)
-        assert state is not None, "the stream ended before the test could act on it"
+        assert state is not None, (
+            f"the stream ended before the test could act on it: {len(stream.tokens)} tokens, "
+            f"finishes {stream.finishes}, error {task.done() and task.exception()}"
+        )
         if len(state.token_ids) >= wait_for:
             return stream, task
         await asyncio.sleep(0.01)
@@ -247,15 +260,17 @@ async def test_migrated_stream_is_exact_and_the_destination_computes_only_the_ta
     fleet: Fleet, session: aiohttp.ClientSession
 ) -> None:
     prompt = prompt_of(11)
-    n = 3500
-    stream, task = await start_stream(fleet, session, prompt, n, wait_for=300)
-    rid, source, dest = await located(fleet, stream)
-    before = await prompt_tokens_by_source(session, fleet.servers[dest].url)
-    moves = fleet.gateway_resumes("move")
-    result = await MigrationClient(TOKEN).migrate_out(
-        fleet.refs[source], fleet.refs[dest], rid, ReschedulerConfig()
-    )
-    await asyncio.wait_for(task, 300)
+    n = 1500
+    with EngineThrottle() as throttle:
+        stream, task = await start_stream(fleet, session, prompt, n, wait_for=300)
+        rid, source, dest = await located(fleet, stream)
+        before = await prompt_tokens_by_source(session, fleet.servers[dest].url)
+        moves = fleet.gateway_resumes("move")
+        result = await MigrationClient(TOKEN).migrate_out(
+            fleet.refs[source], fleet.refs[dest], rid, ReschedulerConfig()
+        )
+        await asyncio.wait_for(task, 300)
+    assert len(throttle.engines_seen) == 4  # two engine cores, two workers
     # The unmigrated run only now, on the source: run on the destination before, it would have left
     # the prefix in the destination's cache, and the resume would not need the copied KV at all.
     reference = await complete(session, fleet.servers[source].url, fleet.model, prompt, n)
@@ -272,30 +287,27 @@ async def test_migrated_stream_is_exact_and_the_destination_computes_only_the_ta
     assert result.bytes_copied > 0
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="known race (issue 7): on a quiet box the sidecars' Load never showed the gateway's requests "
-    "on healthy instances before the streams ended (CI run of 2026-11-26 14:19); passes on a loaded box",
-)
+@KNOWN_STALL
 async def test_drain_moves_every_request_and_loses_none(fleet: Fleet, session: aiohttp.ClientSession) -> None:
-    n, count = 3400, 4
+    n, count = 1400, 4
     prompts = [prompt_of(100 + i, 200 + 40 * i) for i in range(count)]
     references = await asyncio.gather(
         *(complete(session, fleet.servers["b"].url, fleet.model, p, n) for p in prompts)
     )
-    started = [await start_stream(fleet, session, p, n, wait_for=40) for p in prompts]
-    running = await where_running(fleet, [s.request_id for s, _ in started])
-    on = {s.request_id: running[s.request_id] for s, _ in started}
-    victim = max(("a", "b"), key=lambda i: sum(1 for v in on.values() if v == i))
-    on_victim = sorted(r for r, i in on.items() if i == victim)
-    assert on_victim, on
-    rescheduler = fleet.rescheduler(max_concurrent=2)
-    try:
-        counts = await rescheduler.drain([victim], await fleet.loads(), fleet.refs, reload=fleet.loads)
-        left = await emptied(fleet, victim)
-    finally:
-        await rescheduler.close()
-    await asyncio.wait_for(asyncio.gather(*(t for _, t in started)), 600)
+    with EngineThrottle():
+        started = [await start_stream(fleet, session, p, n, wait_for=40) for p in prompts]
+        running = await where_running(fleet, [s.request_id for s, _ in started])
+        on = {s.request_id: running[s.request_id] for s, _ in started}
+        victim = max(("a", "b"), key=lambda i: sum(1 for v in on.values() if v == i))
+        on_victim = sorted(r for r, i in on.items() if i == victim)
+        assert on_victim, on
+        rescheduler = fleet.rescheduler(max_concurrent=2)
+        try:
+            counts = await rescheduler.drain([victim], await fleet.loads(), fleet.refs, reload=fleet.loads)
+            left = await emptied(fleet, victim)
+        finally:
+            await rescheduler.close()
+        await asyncio.wait_for(asyncio.gather(*(t for _, t in started)), 600)
     assert counts == {"migrated": len(on_victim)}, (counts, [e.message for e in fleet.events])
     # Nothing of the moved requests is left on the victim before the streams end (no engine-side
     # request: the gateway's reports and the engine's own count agree).
@@ -307,65 +319,59 @@ async def test_drain_moves_every_request_and_loses_none(fleet: Fleet, session: a
     assert len(migrated) == len(on_victim)
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="known race (issue 7): on a quiet box the sidecars' Load never showed the gateway's requests "
-    "on healthy instances before the streams ended (CI run of 2026-11-26 14:19); passes on a loaded box",
-)
+@KNOWN_STALL
 async def test_rejected_migration_leaves_the_request_on_the_source(
     fleet: Fleet, session: aiohttp.ClientSession
 ) -> None:
     prompt = prompt_of(21)
-    n = 3500
+    n = 1500
     reference = await complete(session, fleet.servers["a"].url, fleet.model, prompt, n)
-    stream, task = await start_stream(fleet, session, prompt, n, wait_for=100)
-    rid, source, dest = await located(fleet, stream)
-    service = fleet.sidecars[dest].migration
-    assert service is not None
-    limit, service.max_inbound_bytes = service.max_inbound_bytes, 1  # destination full
-    resumes = fleet.gateway_resumes("move") + fleet.gateway_resumes("migration_recompute")
-    try:
-        result = await MigrationClient(TOKEN).migrate_out(
-            fleet.refs[source], fleet.refs[dest], rid, ReschedulerConfig()
-        )
-    finally:
-        service.max_inbound_bytes = limit
-    await asyncio.wait_for(task, 300)
+    with EngineThrottle():
+        stream, task = await start_stream(fleet, session, prompt, n, wait_for=100)
+        rid, source, dest = await located(fleet, stream)
+        service = fleet.sidecars[dest].migration
+        assert service is not None
+        limit, service.max_inbound_bytes = service.max_inbound_bytes, 1  # destination full
+        resumes = fleet.gateway_resumes("move") + fleet.gateway_resumes("migration_recompute")
+        try:
+            result = await MigrationClient(TOKEN).migrate_out(
+                fleet.refs[source], fleet.refs[dest], rid, ReschedulerConfig()
+            )
+        finally:
+            service.max_inbound_bytes = limit
+        await asyncio.wait_for(task, 300)
     assert result.outcome == "rejected" and "destination full" in result.message
     assert stream.tokens == reference and stream.finishes == ["length"]
     assert fleet.gateway_resumes("move") + fleet.gateway_resumes("migration_recompute") == resumes
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="known race (issue 7): failed in a quiet CI run of 2026-11-26 14:35 (passes on a loaded box); "
-    "the same timing family as the drain and rejected-migration tests",
-)
+@KNOWN_STALL
 async def test_source_lost_after_the_stop_is_resumed_by_recompute(
     fleet: Fleet, session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     prompt = prompt_of(31)
-    n = 3500
+    n = 1500
     reference = await complete(session, fleet.servers["a"].url, fleet.model, prompt, n)
-    stream, task = await start_stream(fleet, session, prompt, n, wait_for=100)
-    rid, source, dest = await located(fleet, stream)
-    service = fleet.sidecars[source].migration
-    assert service is not None
-    real_call = service.control.call
+    with EngineThrottle():
+        stream, task = await start_stream(fleet, session, prompt, n, wait_for=100)
+        rid, source, dest = await located(fleet, stream)
+        service = fleet.sidecars[source].migration
+        assert service is not None
+        real_call = service.control.call
 
-    async def engine_gone_after_stop(op: str, seconds: float = 30.0, **args: Any) -> dict[str, Any]:
-        # The request was aborted on the source; then its engine stops answering (as when it is
-        # killed): the last blocks can never be copied.
-        if op == "final":
-            raise EngineLinkError("KV connector control socket: connection refused", "engine_down")
-        return await real_call(op, seconds, **args)
+        async def engine_gone_after_stop(op: str, seconds: float = 30.0, **args: Any) -> dict[str, Any]:
+            # The request was aborted on the source; then its engine stops answering (as when it is
+            # killed): the last blocks can never be copied.
+            if op == "final":
+                raise EngineLinkError("KV connector control socket: connection refused", "engine_down")
+            return await real_call(op, seconds, **args)
 
-    monkeypatch.setattr(service.control, "call", engine_gone_after_stop)
-    recomputes = fleet.gateway_resumes("migration_recompute")
-    result = await MigrationClient(TOKEN).migrate_out(
-        fleet.refs[source], fleet.refs[dest], rid, ReschedulerConfig()
-    )
-    await asyncio.wait_for(task, 300)
+        monkeypatch.setattr(service.control, "call", engine_gone_after_stop)
+        recomputes = fleet.gateway_resumes("migration_recompute")
+        result = await MigrationClient(TOKEN).migrate_out(
+            fleet.refs[source], fleet.refs[dest], rid, ReschedulerConfig()
+        )
+        await asyncio.wait_for(task, 300)
     assert result.outcome == "recompute", result
     assert stream.tokens == reference
     assert stream.finishes == ["length"]
