@@ -84,6 +84,7 @@ def autoscaler_from_spec(spec: LLMServiceSpec) -> Autoscaler:
             stabilization_s=float(a.scale_down_stabilization_seconds),
             min_step_up=a.max_scale_step,
             cold_start_s=float(a.cold_start_seconds),
+            min_serving=spec.replicas.min,
         )
         return ChironAutoscaler(config)
     from slofleet.policies.baselines import HpaConfig

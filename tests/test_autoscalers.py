@@ -234,6 +234,21 @@ def test_mixed_limits_inflated_by_batch_do_not_hide_interactive_demand() -> None
 # ---- global autoscaler: stability and reaction ---------------------------------------------------
 
 
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 4), st.lists(st.integers(0, 3000), min_size=1, max_size=40))
+def test_chiron_keeps_the_serving_minimum_when_every_pool_may_reach_zero(minimum: int, demands: list) -> None:
+    """spec.replicas.min holds with pools.*.min all 0: an idle service keeps `minimum` instances
+    serving interactive traffic (interactive + mixed) through any load, and returns to it."""
+    bounds = {p: PoolBounds(0, 50) for p in POOLS}
+    scaler = ChironAutoscaler(ChironConfig(bounds=bounds, min_serving=minimum, stabilization_s=0.0))
+    replicas = {Pool.INTERACTIVE: 3, Pool.MIXED: 1, Pool.BATCH: 0}
+    for k, demand in enumerate([*demands, *[0] * 60]):
+        d = scaler.decide(fleet_obs(k * INTERVAL, replicas, demand, limit=100))
+        replicas = dict(d.targets)
+        assert replicas[Pool.INTERACTIVE] + replicas[Pool.MIXED] >= min(minimum, 4)
+    assert replicas[Pool.INTERACTIVE] + replicas[Pool.MIXED] == minimum
+
+
 def run_constant(demand: int, start: dict[Pool, int], steps: int = 200) -> list[int]:
     scaler = ChironAutoscaler()
     replicas = dict(start)

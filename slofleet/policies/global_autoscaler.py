@@ -166,6 +166,11 @@ class ChironConfig:
     max_step_up_fraction: float = 1.0
     min_step_up: int = 4
     max_step_down_fraction: float = 0.1
+    # Fewest instances serving interactive traffic (interactive + mixed) whatever the demand: the
+    # per-pool minimums may both be 0 (all-mixed or all-interactive fleets), and an idle service
+    # must still answer its first request without a cold start. The operator sets it from
+    # spec.replicas.min; 0 lets an idle service scale to zero.
+    min_serving: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -296,6 +301,9 @@ def decide(
     else:
         total_rec = total_now
         why_int += " -> within hysteresis band"
+    if total_rec < config.min_serving:
+        total_rec = config.min_serving
+        why_int += f", held at the minimum of {config.min_serving} serving"
     int_rec, mixed_rec = _split(total_rec, cur[Pool.INTERACTIVE], cur[Pool.MIXED], config)
 
     thr = batch_tokens_per_s(obs.loads, config.batch_tokens_per_s_prior)
