@@ -301,7 +301,8 @@ def decide(
     else:
         total_rec = total_now
         why_int += " -> within hysteresis band"
-    if total_rec < config.min_serving:
+    pools_floor = config.bounds[Pool.INTERACTIVE].min + config.bounds[Pool.MIXED].min
+    if total_rec < config.min_serving and pools_floor < config.min_serving:
         total_rec = config.min_serving
         why_int += f", held at the minimum of {config.min_serving} serving"
     int_rec, mixed_rec = _split(total_rec, cur[Pool.INTERACTIVE], cur[Pool.MIXED], config)
