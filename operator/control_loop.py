@@ -41,6 +41,7 @@ from slofleet.policies.global_autoscaler import (
     FleetObservation,
     PoolBounds,
     ScaleDecision,
+    choose_scale_in,
 )
 from slofleet.policies.memory_planner import StandbyConfig
 from slofleet.spec import LLMServiceSpec
@@ -219,6 +220,25 @@ def cap_total(decision: ScaleDecision, max_total: int | None) -> ScaleDecision:
     return replace(decision, targets=targets, reasons=reasons)
 
 
+def retire_unused_pools(
+    decision: ScaleDecision, desired: Mapping[Pool, int], loads: Sequence[InstanceLoad], policy: str
+) -> ScaleDecision:
+    """Pools the policy does not manage but that still hold instances (left by an earlier policy of
+    the service, e.g. chiron's interactive pool after a switch to static) go to zero, drained and
+    migrated out first like any scale-in: no policy would ever count or remove them otherwise."""
+    extra = {p: n for p, n in desired.items() if p not in decision.targets and n > 0}
+    if not extra:
+        return decision
+    why = f"pool not used by the {policy} policy: retired"
+    return replace(
+        decision,
+        current={**decision.current, **extra},
+        targets={**decision.targets, **dict.fromkeys(extra, 0)},
+        reasons={**decision.reasons, **dict.fromkeys(extra, why)},
+        scale_in={**decision.scale_in, **{p: choose_scale_in(loads, p, n) for p, n in extra.items()}},
+    )
+
+
 class ControlLoop:
     def __init__(
         self,
@@ -289,6 +309,7 @@ class ControlLoop:
         loads, status = await asyncio.gather(self._loads(refs), self._gateway_status())
         obs = observe(self.clock(), desired, loads, status, self.expected_batch_tokens)
         decision = cap_total(self.autoscaler.decide(obs), self.max_total_replicas)
+        decision = retire_unused_pools(decision, desired, loads, self.autoscaler.name)
         self.metrics.observe_fleet(Counter((r.pool.value, r.phase.value) for r in refs))
         self.metrics.observe_targets(
             {p.value: n for p, n in desired.items()}, {p.value: n for p, n in decision.targets.items()}
