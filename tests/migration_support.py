@@ -19,6 +19,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import grpc
@@ -27,7 +28,7 @@ from prometheus_client import CollectorRegistry
 from slofleet.api.v1 import migration_pb2 as pb
 from slofleet.api.v1 import migration_pb2_grpc as pb_grpc
 from slofleet.operator.render import kv_transfer_config_args
-from slofleet.sidecar.migration.engine_link import KVControl
+from slofleet.sidecar.migration.engine_link import EngineLinkError, KVControl
 from slofleet.sidecar.migration.service import (
     GRPC_OPTIONS,
     MigrationMetrics,
@@ -245,6 +246,35 @@ async def wait_tokens(received: asyncio.Queue[int], n: int) -> None:
     got = 0
     while got < n:
         got += await received.get()
+
+
+async def wait_engine_tokens(
+    node: Node, request_id: str, n: int, gen: asyncio.Task[Any], seconds: float = 300.0
+) -> None:
+    """Until the engine has generated `n` tokens of the request, as its KV connector counts them.
+
+    The engine's count, not the client's: on a busy 2-core box a client can stall for seconds and
+    then read a whole burst, so the client's count may say 100 while the engine is near the end.
+    `gen` is the task streaming the request: if it ends first, its error (or result) is the answer.
+    """
+    deadline = time.monotonic() + seconds
+    last: object = None
+    while time.monotonic() < deadline:
+        if gen.done():
+            raise AssertionError(
+                f"{request_id} ended before {n} tokens were seen on {node.name}: {gen.result()!r:.300}; "
+                f"last info {last}"
+            )
+        try:
+            info = await node.control.call("info", seconds=5.0, request_id=request_id)
+        except EngineLinkError as e:
+            last = e  # not admitted yet (or already gone: the caller's next step says so)
+        else:
+            last = info
+            if info["num_tokens"] - info["num_prompt_tokens"] >= n:
+                return
+        await asyncio.sleep(0.05)
+    raise TimeoutError(f"{request_id}: {n} tokens not generated on {node.name} in {seconds} s; last {last}")
 
 
 async def stop_node(node: Node) -> None:

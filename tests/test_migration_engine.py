@@ -30,7 +30,7 @@ from tests.migration_support import (
     start_engine,
     start_node,
     stop_node,
-    wait_tokens,
+    wait_engine_tokens,
 )
 from tests.throttle import EngineThrottle
 
@@ -38,7 +38,7 @@ pytestmark = pytest.mark.engine
 
 BLOCK = 128
 MAX_LEN = 4096
-MAX_TOKENS = 1600
+MAX_TOKENS = 3000
 
 
 @pytest.fixture(scope="session")
@@ -87,12 +87,11 @@ async def test_live_migration_is_exact_and_computes_only_the_tail(
     prompt = prompt_of(1)
     reference = await complete(session, a.url, model, prompt, MAX_TOKENS)
     before = await prompt_tokens_by_source(session, b.url)
-    received: asyncio.Queue[int] = asyncio.Queue()
     with EngineThrottle() as throttle:
         gen = asyncio.create_task(
-            generate_following_moves(session, nodes, a, model, prompt, MAX_TOKENS, "live-1", received)
+            generate_following_moves(session, nodes, a, model, prompt, MAX_TOKENS, "live-1")
         )
-        await wait_tokens(received, 300)
+        await wait_engine_tokens(a, "live-1", 300, gen)
         progress = await migrate(a, b, "live-1", max_stages=8)
         result = await gen
     assert len(throttle.engines_seen) == 4  # two engine cores, two workers
@@ -118,19 +117,15 @@ async def test_migrated_twice_and_stop_and_copy_are_exact(
     a, b = nodes["a"], nodes["b"]
     prompt = prompt_of(2)
     reference = await complete(session, b.url, model, prompt, MAX_TOKENS)
-    received: asyncio.Queue[int] = asyncio.Queue()
     with EngineThrottle():
         gen = asyncio.create_task(
-            generate_following_moves(session, nodes, a, model, prompt, MAX_TOKENS, "twice", received)
+            generate_following_moves(session, nodes, a, model, prompt, MAX_TOKENS, "twice")
         )
-        await wait_tokens(received, 200)
+        await wait_engine_tokens(a, "twice", 200, gen)
         first = await migrate(a, b, "twice", max_stages=8)
-        # Tokens counted so far may all be a's (pre-copy runs while a decodes): only tokens that
-        # arrive after the cut-over prove the resumed request runs on b.
-        while not received.empty():
-            received.get_nowait()
-        await wait_tokens(received, 100)
-        # The resumed request carries the gateway's next id; blocking stop-and-copy back to a.
+        # The resumed request carries the gateway's next id; once b has generated some of it,
+        # blocking stop-and-copy back to a.
+        await wait_engine_tokens(b, "twice-m1", 100, gen)
         second = await migrate(b, a, "twice-m1", max_stages=0)
         result = await gen
     assert outcome(first) == outcome(second) == "MIGRATION_OUTCOME_MIGRATED", (first[-1], second[-1])
@@ -145,12 +140,11 @@ async def test_failures_before_the_stop_leave_the_request_on_the_source(
     a, b = nodes["a"], nodes["b"]
     prompt = prompt_of(3)
     reference = await complete(session, a.url, model, prompt, MAX_TOKENS)
-    received: asyncio.Queue[int] = asyncio.Queue()
     with EngineThrottle():
         gen = asyncio.create_task(
-            generate_following_moves(session, nodes, a, model, prompt, MAX_TOKENS, "stays", received)
+            generate_following_moves(session, nodes, a, model, prompt, MAX_TOKENS, "stays")
         )
-        await wait_tokens(received, 100)
+        await wait_engine_tokens(a, "stays", 100, gen)
         limit = b.service.max_inbound_bytes
         b.service.max_inbound_bytes = 1  # destination full
         try:
