@@ -5,7 +5,9 @@
 Two real vLLM CPU engines (a generated ~110 M-parameter Llama, max-model-len 9000) with slofleet's
 KV connector, and their Migration services. For each length a request with a prompt of that many
 tokens decodes on A; after a few tokens it moves to B by
-- live: MigrateOut with pre-copy stages (the copy runs while A keeps decoding);
+- live: MigrateOut with pre-copy stages (the copy runs while A keeps decoding), and B preloading
+  each stage's blocks into its prefix cache before the cut-over;
+- live-no-preload: the same without B's preload (the resumed request loads every block itself);
 - stop-and-copy: MigrateOut with max_stages=0 (every block is copied after the stop);
 - recompute: abort on A, resume on B with prompt = prompt + generated, no KV.
 Downtime is what the client sees: its last token from A to its first token from B. Total is the
@@ -39,7 +41,7 @@ from tests.migration_support import (
     wait_tokens,
 )
 
-MODES = ("live", "stop-and-copy", "recompute")
+MODES = ("live", "live-no-preload", "stop-and-copy", "recompute")
 
 
 async def one(
@@ -55,6 +57,7 @@ async def one(
     # prefilled prompt there, which the measurement does not include anyway.
     async with session.post(b.url + "/reset_prefix_cache") as r:
         r.raise_for_status()
+    b.service.preload = mode != "live-no-preload"
     received: asyncio.Queue[int] = asyncio.Queue()
     gen = asyncio.create_task(generate_following_moves(
         session, nodes, a, model, prompt, decode_tokens, rid, received, recompute_on=b,
@@ -68,7 +71,7 @@ async def one(
         total = result.legs[1].first_token_at - t0 if result.legs[1].first_token_at else float("nan")
         note = "recompute"
     else:
-        progress = await migrate(a, b, rid, max_stages=8 if mode == "live" else 0)
+        progress = await migrate(a, b, rid, max_stages=0 if mode == "stop-and-copy" else 8)
         total = time.perf_counter() - t0
         result = await gen
         last = progress[-1]
@@ -106,7 +109,7 @@ async def main(args: argparse.Namespace) -> int:
                         run = await one(session, nodes, model, length, mode, length, args.decode_tokens)
                         runs.append(run)
                         d, t, note = runs[-1]
-                        print(f"  measured {length:>5} {mode:<14} downtime {d * 1000:8.1f} ms  total "
+                        print(f"  measured {length:>5} {mode:<15} downtime {d * 1000:8.1f} ms  total "
                               f"{t * 1000:8.1f} ms  {note}", flush=True)
                     runs.sort()
                     rows[(length, mode)] = runs[len(runs) // 2]
@@ -116,7 +119,7 @@ async def main(args: argparse.Namespace) -> int:
         a.stop()
         b.stop()
     print(f"\nmodel {args.size} ({model}), engines: vLLM CPU build, 2 cores shared; block 128 tokens")
-    print(f"{'seq len':>7} | {'mode':<14} | {'downtime ms':>11} | {'total ms':>9} | {'vs recompute':>12} | "
+    print(f"{'seq len':>7} | {'mode':<15} | {'downtime ms':>11} | {'total ms':>9} | {'vs recompute':>12} | "
           f"{'vs 256':>7}")
     print("-" * 78)
     for length in lengths:
@@ -124,7 +127,7 @@ async def main(args: argparse.Namespace) -> int:
         for mode in MODES:
             d, t, _ = rows[(length, mode)]
             base = rows[(lengths[0], mode)][0]
-            print(f"{length:>7} | {mode:<14} | {d * 1000:>11.1f} | {t * 1000:>9.1f} | {rec / d:>11.1f}x | "
+            print(f"{length:>7} | {mode:<15} | {d * 1000:>11.1f} | {t * 1000:>9.1f} | {rec / d:>11.1f}x | "
                   f"{d / base:>6.2f}x")
     if 4096 in lengths and 8192 in lengths and lengths[0] == 256:
         flat = rows[(8192, "live")][0] / rows[(256, "live")][0]

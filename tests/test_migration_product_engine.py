@@ -43,7 +43,7 @@ from slofleet.sidecar.runtime import Sidecar, SidecarConfig
 from slofleet.tinymodel import ensure_tiny_model
 from tests.enginectl import PROJECT_ENGINE_ARGS, VllmServer, free_port, start_vllm
 from tests.migration_support import complete, connector_args, prompt_tokens_by_source
-from tests.throttle import EngineThrottle
+from tests.throttle import EngineThrottle, throttled
 
 pytestmark = pytest.mark.engine
 
@@ -270,7 +270,7 @@ async def test_migrated_stream_is_exact_and_the_destination_computes_only_the_ta
             fleet.refs[source], fleet.refs[dest], rid, ReschedulerConfig()
         )
         await asyncio.wait_for(task, 300)
-    assert len(throttle.engines_seen) == 4  # two engine cores, two workers
+    assert throttled(throttle, *fleet.servers.values())
     # The unmigrated run only now, on the source: run on the destination before, it would have left
     # the prefix in the destination's cache, and the resume would not need the copied KV at all.
     reference = await complete(session, fleet.servers[source].url, fleet.model, prompt, n)
@@ -281,9 +281,10 @@ async def test_migrated_stream_is_exact_and_the_destination_computes_only_the_ta
     after = await prompt_tokens_by_source(session, fleet.servers[dest].url)
     loaded = after["external_kv_transfer"] - before.get("external_kv_transfer", 0)
     computed = after["local_compute"] - before.get("local_compute", 0)
-    # Every whole block of the moved prefix came over; vLLM computed at most the last partial one.
+    # Every whole block of the moved prefix came over; vLLM computed at most the last partial one,
+    # plus one token for each pre-copy stage the destination preloaded into its prefix cache.
     assert loaded >= (len(prompt) + 300) // BLOCK * BLOCK - BLOCK and loaded % BLOCK == 0
-    assert 0 < computed <= BLOCK
+    assert 0 < computed <= BLOCK + ReschedulerConfig().max_stages
     assert result.bytes_copied > 0
 
 

@@ -23,8 +23,12 @@ import signal
 import subprocess
 import sys
 import time
+from typing import TYPE_CHECKING
 
 import psutil
+
+if TYPE_CHECKING:
+    from tests.enginectl import VllmServer
 
 ENGINE_TITLES = ("VLLM::EngineCore", "VLLM::Worker")
 
@@ -85,6 +89,12 @@ class _Cycler:
                 self.longest_run_s = max(self.longest_run_s, time.monotonic() - resumed)
         finally:
             self._signal(signal.SIGCONT)
+
+
+def throttled(throttle: EngineThrottle, *servers: VllmServer) -> bool:
+    """Whether the throttle stopped every engine-core and worker process of these vLLM servers."""
+    pids = {p.pid for server in servers for p in engine_processes(server.process.pid)}
+    return len(pids) == 2 * len(servers) and pids <= throttle.engines_seen
 
 
 class EngineThrottle:
