@@ -391,9 +391,14 @@ class MigrationService(pb_grpc.MigrationServicer):
     # ------------------------------------------------------------------ destination side
 
     def _reap(self) -> None:
+        """Forget inbound segments that are gone or expired, so that they stop counting against
+        `max_inbound_bytes`: a committed one belongs to the engine, whose connector removes it
+        when the resumed request ends; one never resumed expires after the TTL."""
         now = time.monotonic()
         for mid, inbound in list(self._inbound.items()):
-            if now - inbound.created > self.inbound_ttl_seconds:
+            if inbound.committed and not inbound.path.exists():
+                del self._inbound[mid]
+            elif now - inbound.created > self.inbound_ttl_seconds:
                 if inbound.preload is not None:
                     inbound.preload.cancel()
                 seg.remove(inbound.path)

@@ -1,0 +1,65 @@
+"""The destination's inbound-memory bound: committed segments count only while they exist.
+
+A committed segment belongs to the engine (its KV connector removes it when the resumed request
+ends); it must stop counting against `max_inbound_bytes` then, or a busy destination refuses every
+migration for the TTL after its budget's worth of moves (the benchmark hit this at 8k tokens).
+The engine's side is stood in for by its two answers the accept path needs (layout, free blocks);
+the full path with real engines is in test_migration_engine.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+
+from slofleet.api.v1 import migration_pb2 as pb
+from slofleet.sidecar.migration import segment as seg
+from slofleet.sidecar.migration.service import MigrationMetrics, MigrationService
+
+LAYOUT = seg.KVLayout(16, "torch.float32", ("l0", "l1"), (2, 16, 64), 8192)
+
+
+class ConnectorAnswers:
+    async def layout(self) -> seg.KVLayout:
+        return LAYOUT
+
+    async def call(self, op: str, seconds: float = 30.0, **args: Any) -> dict[str, Any]:
+        assert op == "capacity", op
+        return {"free_blocks": 10_000, "total_blocks": 10_000}
+
+
+def accept(mid: str, blocks: int) -> pb.AcceptMigrationRequest:
+    return pb.AcceptMigrationRequest(
+        migration_id=mid,
+        request_id=f"r-{mid}",
+        layout_json=json.dumps(LAYOUT.to_json()),
+        max_blocks=blocks,
+        current_blocks=1,
+    )
+
+
+async def test_a_committed_segment_counts_until_the_engine_removes_it(tmp_path: Path) -> None:
+    service = MigrationService(
+        ConnectorAnswers(),  # type: ignore[arg-type]
+        shm_dir=tmp_path,
+        metrics=MigrationMetrics(CollectorRegistry()),
+        max_inbound_bytes=150 * LAYOUT.block_bytes,
+    )
+    first = await service.AcceptMigration(accept("m1", 100), None)  # type: ignore[arg-type]
+    assert first.accepted
+    commit = await service.CommitMigration(
+        pb.CommitMigrationRequest(migration_id="m1", valid_blocks=0),
+        None,  # type: ignore[arg-type]
+    )
+    path = Path(json.loads(commit.kv_transfer_params_json)["slofleet_migration"]["segment"])
+    assert await asyncio.to_thread(path.exists)
+    # The resumed request still holds the segment: a second one of the same size does not fit.
+    full = await service.AcceptMigration(accept("m2", 100), None)  # type: ignore[arg-type]
+    assert not full.accepted and "destination full" in full.reason
+    await asyncio.to_thread(path.unlink)  # what the engine's connector does when the resumed request ends
+    again = await service.AcceptMigration(accept("m3", 100), None)  # type: ignore[arg-type]
+    assert again.accepted, again.reason
