@@ -5,15 +5,15 @@
 Two real vLLM CPU engines (a generated ~110 M-parameter Llama, max-model-len 9000) with slofleet's
 KV connector, and their Migration services. For each length a request with a prompt of that many
 tokens decodes on A; after a few tokens it moves to B by
-- live: MigrateOut with pre-copy stages (the copy runs while A keeps decoding), and B preloading
-  each stage's blocks into its prefix cache before the cut-over;
-- live-no-preload: the same without B's preload (the resumed request loads every block itself);
+- live: MigrateOut with pre-copy stages (the copy runs while A keeps decoding);
 - stop-and-copy: MigrateOut with max_stages=0 (every block is copied after the stop);
 - recompute: abort on A, resume on B with prompt = prompt + generated, no KV.
 Downtime is what the client sees: its last token from A to its first token from B. Total is the
-MigrateOut call (accept to commit; for recompute, the abort to the first token on B). KV modes
-run `--repeats` times (median shown, every run printed). Ratios are against recompute and against
-the 256-token row, measured in the same run.
+MigrateOut call (accept to commit; for recompute, the abort to the first token on B). Every mode
+runs `--repeats` times; every run is printed, the table shows the median and the best. On a shared
+2-core box the client-side downtime is bimodal (tens of ms, or ~0.5-0.9 s when the client process
+stalls, whatever the mode or length): the best of N is the downtime without that stall. Ratios are
+against recompute and against the 256-token row, measured in the same run.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from tests.migration_support import (
     wait_tokens,
 )
 
-MODES = ("live", "live-no-preload", "stop-and-copy", "recompute")
+MODES = ("live", "stop-and-copy", "recompute")
 
 
 async def one(
@@ -57,7 +57,6 @@ async def one(
     # prefilled prompt there, which the measurement does not include anyway.
     async with session.post(b.url + "/reset_prefix_cache") as r:
         r.raise_for_status()
-    b.service.preload = mode != "live-no-preload"
     received: asyncio.Queue[int] = asyncio.Queue()
     gen = asyncio.create_task(generate_following_moves(
         session, nodes, a, model, prompt, decode_tokens, rid, received, recompute_on=b,
@@ -99,41 +98,44 @@ async def main(args: argparse.Namespace) -> int:
     try:
         nodes = {"a": await start_node("a", a, sock_a), "b": await start_node("b", b, sock_b)}
         rows: dict[tuple[int, str], tuple[float, float, str]] = {}
+        best: dict[tuple[int, str], float] = {}
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1200)) as session:
             # Warm both engines (compile caches, first-request costs) outside the measurements.
             await one(session, nodes, model, 256, "live", 999, args.decode_tokens)
             for length in lengths:
                 for mode in MODES:
                     runs = []
-                    for _ in range(1 if mode == "recompute" else args.repeats):
+                    for _ in range(args.repeats):
                         run = await one(session, nodes, model, length, mode, length, args.decode_tokens)
                         runs.append(run)
                         d, t, note = runs[-1]
-                        print(f"  measured {length:>5} {mode:<15} downtime {d * 1000:8.1f} ms  total "
+                        print(f"  measured {length:>5} {mode:<14} downtime {d * 1000:8.1f} ms  total "
                               f"{t * 1000:8.1f} ms  {note}", flush=True)
                     runs.sort()
                     rows[(length, mode)] = runs[len(runs) // 2]
+                    best[(length, mode)] = runs[0][0]
     finally:
         for n in nodes.values():
             await stop_node(n)
         a.stop()
         b.stop()
     print(f"\nmodel {args.size} ({model}), engines: vLLM CPU build, 2 cores shared; block 128 tokens")
-    print(f"{'seq len':>7} | {'mode':<15} | {'downtime ms':>11} | {'total ms':>9} | {'vs recompute':>12} | "
-          f"{'vs 256':>7}")
-    print("-" * 78)
+    print(f"{'seq len':>7} | {'mode':<14} | {'downtime ms':>11} | {'best ms':>8} | {'total ms':>9} | "
+          f"{'vs recompute':>12} | {'vs 256':>7}")
+    print("-" * 88)
     for length in lengths:
         rec = rows[(length, "recompute")][0]
         for mode in MODES:
             d, t, _ = rows[(length, mode)]
             base = rows[(lengths[0], mode)][0]
-            print(f"{length:>7} | {mode:<15} | {d * 1000:>11.1f} | {t * 1000:>9.1f} | {rec / d:>11.1f}x | "
-                  f"{d / base:>6.2f}x")
+            print(f"{length:>7} | {mode:<14} | {d * 1000:>11.1f} | {best[(length, mode)] * 1000:>8.1f} | "
+                  f"{t * 1000:>9.1f} | {rec / d:>11.1f}x | {d / base:>6.2f}x")
     if 4096 in lengths and 8192 in lengths and lengths[0] == 256:
-        flat = rows[(8192, "live")][0] / rows[(256, "live")][0]
-        gain = rows[(4096, "recompute")][0] / rows[(4096, "live")][0]
-        print(f"\nlive downtime 8k/256 = {flat:.2f}x (target <= 1.5x); recompute/live at 4k = {gain:.1f}x "
-              f"(target >= 10x)")
+        for name, table in (("median", {k: v[0] for k, v in rows.items()}), ("best", best)):
+            flat = table[(8192, "live")] / table[(256, "live")]
+            gain = table[(4096, "recompute")] / table[(4096, "live")]
+            print(f"{name:>6}: live downtime 8k/256 = {flat:.2f}x (target <= 1.5x); recompute/live at 4k = "
+                  f"{gain:.1f}x (target >= 10x)")
     return 0
 
 

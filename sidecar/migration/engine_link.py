@@ -1,11 +1,9 @@
-"""The migration service's handles on its engine: the KV connector's control socket, abort, prefill.
+"""The migration service's two handles on its engine: the KV connector's control socket, and abort.
 
 The connector (sidecar/vllm_ext/kv_connector.py) answers one JSON line per command on a Unix socket
 in the pod (`layout`, `info`, `export`, `arm`, `disarm`, `final`, `stats`); a request is stopped
 through the engine's own `POST /abort_requests` (dev mode), with the id the connector returns from
-`arm`, so that the stop goes through vLLM's normal abort path and the client's stream ends. A
-destination loads blocks that arrived into its engine's prefix cache ahead of the cut-over with a
-one-token completion (`prefill`), the only way into that cache that stock vLLM offers.
+`arm`, so that the stop goes through vLLM's normal abort path and the client's stream ends.
 """
 
 from __future__ import annotations
@@ -31,7 +29,6 @@ class KVControl:
     def __init__(self, socket_path: str, engine_url: str) -> None:
         self.socket_path = socket_path
         self.engine_url = engine_url.rstrip("/")
-        self._model: str | None = None
 
     async def call(self, op: str, seconds: float = 30.0, **args: Any) -> dict[str, Any]:
         """One command on a fresh connection (commands block in the engine; they must not queue)."""
@@ -78,29 +75,3 @@ class KVControl:
                     )
         except aiohttp.ClientError as e:
             raise EngineLinkError(f"POST {self.engine_url}/abort_requests: {e}", "engine_down") from e
-
-    async def prefill(
-        self, prompt: list[int], kv_transfer_params: dict[str, Any], seconds: float = 60.0
-    ) -> None:
-        """A one-token completion of `prompt`: its whole blocks stay in the engine's prefix cache."""
-        timeout = aiohttp.ClientTimeout(total=seconds)
-        try:
-            async with aiohttp.ClientSession(timeout=timeout) as session:
-                if self._model is None:
-                    async with session.get(self.engine_url + "/v1/models") as resp:
-                        resp.raise_for_status()
-                        self._model = str((await resp.json())["data"][0]["id"])
-                body = {
-                    "model": self._model,
-                    "prompt": prompt,
-                    "max_tokens": 1,
-                    "temperature": 0,
-                    "kv_transfer_params": kv_transfer_params,
-                }
-                async with session.post(self.engine_url + "/v1/completions", json=body) as resp:
-                    if resp.status != 200:
-                        raise EngineLinkError(
-                            f"prefill: HTTP {resp.status}: {(await resp.text())[:300]}", "error"
-                        )
-        except (aiohttp.ClientError, TimeoutError, KeyError, IndexError, ValueError) as e:
-            raise EngineLinkError(f"prefill on {self.engine_url}: {e}", "engine_down") from e

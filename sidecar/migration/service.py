@@ -4,11 +4,7 @@ Source (`MigrateOut`, called by the operator or the local control loop), Llumnix
 protocol: the destination accepts (layout and room checked) and pre-allocates a segment; stage k
 exports the blocks the request completed since stage k-1 while it keeps decoding and pushes them;
 once a stage moved at most `cutover_blocks` new blocks (or after `max_stages`) the source stops the
-request (its blocks held by the connector), pushes the last blocks and commits. After each stage
-the destination loads what arrived into its engine's prefix cache (a one-token prefill that reads
-the blocks from the segment), so that at the cut-over the resumed request finds all but the last
-stage's blocks already in place: the downtime then holds only the tail, not a copy of the whole
-sequence into the engine. The gateway, whose
+request (its blocks held by the connector), pushes the last blocks and commits. The gateway, whose
 stream from the source just ended, asks `ResolveMigration` where to resume: on the destination
 with `kv_transfer_params` naming the segment, so the engine there computes only the last partial
 block. `max_stages=0` is blocking stop-and-copy (the benchmark's baseline).
@@ -76,12 +72,6 @@ class MigrationMetrics:
         self.bytes = Counter(
             "slofleet_migration_bytes", "KV bytes moved by migrations", ["direction"], registry=registry
         )
-        self.preload_seconds = Histogram(
-            "slofleet_migration_preload_seconds",
-            "Loading a stage's blocks into the engine's prefix cache before the cut-over (destination)",
-            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
-            registry=registry,
-        )
 
 
 @dataclass
@@ -104,9 +94,6 @@ class _Inbound:
     received_blocks: int = 0
     created: float = field(default_factory=time.monotonic)
     committed: bool = False
-    # The tokens of blocks 0..len/block_size-1, as the source sent them with the blocks.
-    token_ids: list[int] = field(default_factory=list)
-    preload: asyncio.Task[None] | None = None
 
 
 class _Aborted(Exception):
@@ -127,8 +114,6 @@ class MigrationService(pb_grpc.MigrationServicer):
         inbound_ttl_seconds: float = 300.0,
         channel_credentials: grpc.ChannelCredentials | None = None,
         peer_token: str | None = None,
-        preload: bool = True,
-        preload_wait_seconds: float = 10.0,
     ) -> None:
         self.control = control
         self.shm_dir = Path(shm_dir)
@@ -136,8 +121,6 @@ class MigrationService(pb_grpc.MigrationServicer):
         self.chunk_bytes = chunk_bytes
         self.max_inbound_bytes = max_inbound_bytes
         self.inbound_ttl_seconds = inbound_ttl_seconds
-        self.preload = preload
-        self.preload_wait_seconds = preload_wait_seconds
         self._credentials = channel_credentials
         # Peers are sidecars of the same service, whose gRPC port wants the service's bearer token.
         self._metadata = (("authorization", f"Bearer {peer_token}"),) if peer_token else None
@@ -229,9 +212,7 @@ class MigrationService(pb_grpc.MigrationServicer):
                         )
                         raise _Aborted(kind, str(e)) from e
                     new = int(r["blocks"]) - sent
-                    nbytes += await self._push(
-                        peer, mid, path, layout, sent, new, r["token_ids"], preload=True
-                    )
+                    nbytes += await self._push(peer, mid, path, layout, sent, new)
                     tokens += r["token_ids"]
                     sent += new
                     yield pb.MigrationProgress(
@@ -259,7 +240,7 @@ class MigrationService(pb_grpc.MigrationServicer):
                     raise _Aborted(Outcome.MIGRATION_OUTCOME_SOURCE_FINISHED, f"request {final['state']}")
                 new = int(final["blocks"]) - sent
                 try:
-                    nbytes += await self._push(peer, mid, path, layout, sent, new, final["token_ids"])
+                    nbytes += await self._push(peer, mid, path, layout, sent, new)
                     sent += new
                     tokens += final["token_ids"]
                     commit = await peer.CommitMigration(
@@ -331,38 +312,18 @@ class MigrationService(pb_grpc.MigrationServicer):
         )
 
     async def _push(
-        self,
-        peer: pb_grpc.MigrationStub,
-        mid: str,
-        path: Path,
-        layout: seg.KVLayout,
-        first: int,
-        count: int,
-        token_ids: list[int],
-        *,
-        preload: bool = False,
+        self, peer: pb_grpc.MigrationStub, mid: str, path: Path, layout: seg.KVLayout, first: int, count: int
     ) -> int:
-        """Stream blocks [first, first+count) and their tokens to the peer, a bounded chunk at a time."""
+        """Stream blocks [first, first+count) to the peer, a bounded chunk at a time."""
         if count <= 0:
             return 0
         per_chunk = max(1, self.chunk_bytes // layout.block_bytes)
-        bs = layout.block_size
-        known = len(token_ids) == count * bs
 
         async def chunks() -> AsyncIterator[pb.KVChunk]:
             for start in range(first, first + count, per_chunk):
                 n = min(per_chunk, first + count - start)
                 data = await asyncio.to_thread(seg.read_blocks, path, layout, start, n)
-                lo = (start - first) * bs
-                toks = token_ids[lo : lo + n * bs] if known else []
-                yield pb.KVChunk(
-                    migration_id=mid,
-                    first_block=start,
-                    num_blocks=n,
-                    data=data,
-                    token_ids=toks,
-                    preload=preload,
-                )
+                yield pb.KVChunk(migration_id=mid, first_block=start, num_blocks=n, data=data)
 
         await peer.PushKV(chunks(), timeout=60, metadata=self._metadata)
         return count * layout.block_bytes
@@ -399,8 +360,6 @@ class MigrationService(pb_grpc.MigrationServicer):
             if inbound.committed and not inbound.path.exists():
                 del self._inbound[mid]
             elif now - inbound.created > self.inbound_ttl_seconds:
-                if inbound.preload is not None:
-                    inbound.preload.cancel()
                 seg.remove(inbound.path)
                 del self._inbound[mid]
 
@@ -450,7 +409,6 @@ class MigrationService(pb_grpc.MigrationServicer):
         self, request_iterator: AsyncIterator[pb.KVChunk], context: grpc.aio.ServicerContext
     ) -> pb.PushKVReply:
         received = 0
-        preload = False
         inbound: _Inbound | None = None
         async for chunk in request_iterator:
             inbound = self._inbound.get(chunk.migration_id)
@@ -474,50 +432,11 @@ class MigrationService(pb_grpc.MigrationServicer):
                 seg.write_blocks, inbound.path, inbound.layout, chunk.first_block, chunk.data
             )
             inbound.received_blocks = max(inbound.received_blocks, chunk.first_block + chunk.num_blocks)
-            bs = inbound.layout.block_size
-            if (
-                chunk.first_block * bs == len(inbound.token_ids)
-                and len(chunk.token_ids) == chunk.num_blocks * bs
-            ):
-                inbound.token_ids += chunk.token_ids
             received += len(chunk.data)
-            preload = preload or chunk.preload
         self.metrics.bytes.labels("in").inc(received)
-        if inbound is not None and preload and self.preload and not inbound.committed:
-            inbound.preload = asyncio.create_task(self._preload(inbound, inbound.preload))
         return pb.PushKVReply(
             blocks_received=inbound.received_blocks if inbound else 0, bytes_received=received
         )
-
-    async def _preload(self, inbound: _Inbound, previous: asyncio.Task[None] | None) -> None:
-        """Load the blocks received so far into the engine's prefix cache (one stage's worth).
-
-        One at a time per migration (each waits for the one before), and only an optimisation: if
-        it fails or is cancelled by the commit, the resumed request loads those blocks itself.
-        """
-        if previous is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await previous
-        bs = inbound.layout.block_size
-        blocks = min(inbound.received_blocks, len(inbound.token_ids) // bs)
-        if blocks <= 0 or inbound.committed:
-            return
-        tokens = inbound.token_ids[: blocks * bs]
-        # One token past the blocks, so that the connector may load every one of them (vLLM
-        # computes at least the last prompt token itself); it computes and caches nothing else.
-        params = {PARAMS_KEY: {"segment": str(inbound.path), "preload": True}}
-        started = time.monotonic()
-        try:
-            header = seg.read_header(inbound.path)
-            header.update(valid_blocks=blocks, token_ids=tokens)
-            await asyncio.to_thread(seg.write_header, inbound.path, header)
-            await self.control.prefill([*tokens, tokens[-1]], params)
-        except (EngineLinkError, seg.SegmentError, OSError) as e:
-            log.warning(
-                "preload of %s into the engine failed (the resume loads it): %s", inbound.path.name, e
-            )
-            return
-        self.metrics.preload_seconds.observe(time.monotonic() - started)
 
     async def CommitMigration(
         self, request: pb.CommitMigrationRequest, context: grpc.aio.ServicerContext
@@ -536,15 +455,6 @@ class MigrationService(pb_grpc.MigrationServicer):
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"token_ids: {len(request.token_ids)} for {request.valid_blocks} blocks",
             )
-        if inbound.preload is not None:
-            # Let the last stage's preload finish (it moves only what the resume would otherwise
-            # load itself, and it began before the stop); the header is the commit's after it.
-            try:
-                await asyncio.wait_for(asyncio.shield(inbound.preload), self.preload_wait_seconds)
-            except TimeoutError:
-                inbound.preload.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await inbound.preload
         header = seg.read_header(inbound.path)
         header.update(valid_blocks=request.valid_blocks, token_ids=list(request.token_ids))
         await asyncio.to_thread(seg.write_header, inbound.path, header)
@@ -562,8 +472,6 @@ class MigrationService(pb_grpc.MigrationServicer):
     ) -> pb.AbortMigrationReply:
         inbound = self._inbound.pop(request.migration_id, None)
         if inbound is not None:
-            if inbound.preload is not None:
-                inbound.preload.cancel()
             seg.remove(inbound.path)
         return pb.AbortMigrationReply()
 

@@ -21,11 +21,6 @@ generated so far) gets its block-aligned prefix loaded from that segment instead
 tokens stored with the blocks must equal the prompt's, and the block layout and dtype must equal
 this engine's, or nothing is loaded. vLLM then computes only the last partial block.
 
-Before the cut-over the destination's sidecar sends one-token "preload" requests with
-`{"segment": PATH, "preload": true}` over the blocks received so far: they load those blocks into
-this engine's prefix cache, and the resumed request then loads only what its cache lacks (the
-local hit is subtracted below).
-
 Counters (`slofleet_kv_*` in the control socket's `stats`) and vLLM's own
 `prompt_tokens_by_source{source="external_kv_transfer"}` show what was loaded.
 """
@@ -417,11 +412,9 @@ class SlofleetMigrationConnector(KVConnectorBase_V1):
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         rid = request.request_id
         params = (request.kv_transfer_params or {}).get(PARAMS_KEY)
-        if params and params.get("segment") and not params.get("preload"):
+        if params and params.get("segment"):
             # A migrated-in request loads its prefix once (again only after a preemption, which
-            # ends before this): its segment's memory goes back now. A preload (the destination
-            # sidecar filling this engine's prefix cache before the cut-over) leaves it for the
-            # resumed request.
+            # ends before this): its segment's memory goes back now.
             seg.remove(str(params["segment"]))
         with self._lock:
             self._requests.pop(rid, None)

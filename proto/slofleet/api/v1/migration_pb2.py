@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fslofleet/api/v1/migration.proto\x12\x0bslofleet.v1\"\x9d\x01\n\x11MigrateOutRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0etarget_sidecar\x18\x02 \x01(\t\x12\x17\n\x0ftarget_instance\x18\x03 \x01(\t\x12\x12\n\nmax_stages\x18\x04 \x01(\x05\x12\x16\n\x0e\x63utover_blocks\x18\x05 \x01(\x05\x12\x17\n\x0ftimeout_seconds\x18\x06 \x01(\x01\"\xe1\x01\n\x11MigrationProgress\x12\x14\n\x0cmigration_id\x18\x01 \x01(\t\x12\r\n\x05stage\x18\x02 \x01(\x05\x12\x15\n\rblocks_copied\x18\x03 \x01(\x05\x12\x14\n\x0c\x62ytes_copied\x18\x04 \x01(\x03\x12\x0c\n\x04\x64one\x18\x05 \x01(\x08\x12.\n\x07outcome\x18\x06 \x01(\x0e\x32\x1d.slofleet.v1.MigrationOutcome\x12\x0f\n\x07message\x18\x07 \x01(\t\x12\x14\n\x0cstop_seconds\x18\x08 \x01(\x01\x12\x15\n\rtotal_seconds\x18\t \x01(\x01\"\x83\x01\n\x16\x41\x63\x63\x65ptMigrationRequest\x12\x14\n\x0cmigration_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x13\n\x0blayout_json\x18\x03 \x01(\t\x12\x12\n\nmax_blocks\x18\x04 \x01(\x05\x12\x16\n\x0e\x63urrent_blocks\x18\x05 \x01(\x05\"8\n\x14\x41\x63\x63\x65ptMigrationReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\"z\n\x07KVChunk\x12\x14\n\x0cmigration_id\x18\x01 \x01(\t\x12\x13\n\x0b\x66irst_block\x18\x02 \x01(\x05\x12\x12\n\nnum_blocks\x18\x03 \x01(\x05\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\x11\n\ttoken_ids\x18\x05 \x03(\x05\x12\x0f\n\x07preload\x18\x06 \x01(\x08\">\n\x0bPushKVReply\x12\x17\n\x0f\x62locks_received\x18\x01 \x01(\x05\x12\x16\n\x0e\x62ytes_received\x18\x02 \x01(\x03\"W\n\x16\x43ommitMigrationRequest\x12\x14\n\x0cmigration_id\x18\x01 \x01(\t\x12\x14\n\x0cvalid_blocks\x18\x02 \x01(\x05\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\"7\n\x14\x43ommitMigrationReply\x12\x1f\n\x17kv_transfer_params_json\x18\x01 \x01(\t\"-\n\x15\x41\x62ortMigrationRequest\x12\x14\n\x0cmigration_id\x18\x01 \x01(\t\"\x15\n\x13\x41\x62ortMigrationReply\"C\n\x17ResolveMigrationRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x14\n\x0cwait_seconds\x18\x02 \x01(\x01\"\x89\x02\n\x15ResolveMigrationReply\x12\x37\n\x05state\x18\x01 \x01(\x0e\x32(.slofleet.v1.ResolveMigrationReply.State\x12\x17\n\x0ftarget_instance\x18\x02 \x01(\t\x12\x1f\n\x17kv_transfer_params_json\x18\x03 \x01(\t\x12\x14\n\x0cmigration_id\x18\x04 \x01(\t\"g\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x0e\n\nSTATE_NONE\x10\x01\x12\x18\n\x14STATE_RESUME_WITH_KV\x10\x02\x12\x1d\n\x19STATE_RESUME_BY_RECOMPUTE\x10\x03*\x83\x02\n\x10MigrationOutcome\x12!\n\x1dMIGRATION_OUTCOME_UNSPECIFIED\x10\x00\x12\x1e\n\x1aMIGRATION_OUTCOME_MIGRATED\x10\x01\x12\x1e\n\x1aMIGRATION_OUTCOME_REJECTED\x10\x02\x12%\n!MIGRATION_OUTCOME_SOURCE_FINISHED\x10\x03\x12!\n\x1dMIGRATION_OUTCOME_SOURCE_LOST\x10\x04\x12!\n\x1dMIGRATION_OUTCOME_PEER_FAILED\x10\x05\x12\x1f\n\x1bMIGRATION_OUTCOME_RECOMPUTE\x10\x06\x32\x83\x04\n\tMigration\x12N\n\nMigrateOut\x12\x1e.slofleet.v1.MigrateOutRequest\x1a\x1e.slofleet.v1.MigrationProgress0\x01\x12Y\n\x0f\x41\x63\x63\x65ptMigration\x12#.slofleet.v1.AcceptMigrationRequest\x1a!.slofleet.v1.AcceptMigrationReply\x12:\n\x06PushKV\x12\x14.slofleet.v1.KVChunk\x1a\x18.slofleet.v1.PushKVReply(\x01\x12Y\n\x0f\x43ommitMigration\x12#.slofleet.v1.CommitMigrationRequest\x1a!.slofleet.v1.CommitMigrationReply\x12V\n\x0e\x41\x62ortMigration\x12\".slofleet.v1.AbortMigrationRequest\x1a .slofleet.v1.AbortMigrationReply\x12\\\n\x10ResolveMigration\x12$.slofleet.v1.ResolveMigrationRequest\x1a\".slofleet.v1.ResolveMigrationReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fslofleet/api/v1/migration.proto\x12\x0bslofleet.v1\"\x9d\x01\n\x11MigrateOutRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0etarget_sidecar\x18\x02 \x01(\t\x12\x17\n\x0ftarget_instance\x18\x03 \x01(\t\x12\x12\n\nmax_stages\x18\x04 \x01(\x05\x12\x16\n\x0e\x63utover_blocks\x18\x05 \x01(\x05\x12\x17\n\x0ftimeout_seconds\x18\x06 \x01(\x01\"\xe1\x01\n\x11MigrationProgress\x12\x14\n\x0cmigration_id\x18\x01 \x01(\t\x12\r\n\x05stage\x18\x02 \x01(\x05\x12\x15\n\rblocks_copied\x18\x03 \x01(\x05\x12\x14\n\x0c\x62ytes_copied\x18\x04 \x01(\x03\x12\x0c\n\x04\x64one\x18\x05 \x01(\x08\x12.\n\x07outcome\x18\x06 \x01(\x0e\x32\x1d.slofleet.v1.MigrationOutcome\x12\x0f\n\x07message\x18\x07 \x01(\t\x12\x14\n\x0cstop_seconds\x18\x08 \x01(\x01\x12\x15\n\rtotal_seconds\x18\t \x01(\x01\"\x83\x01\n\x16\x41\x63\x63\x65ptMigrationRequest\x12\x14\n\x0cmigration_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x13\n\x0blayout_json\x18\x03 \x01(\t\x12\x12\n\nmax_blocks\x18\x04 \x01(\x05\x12\x16\n\x0e\x63urrent_blocks\x18\x05 \x01(\x05\"8\n\x14\x41\x63\x63\x65ptMigrationReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\"V\n\x07KVChunk\x12\x14\n\x0cmigration_id\x18\x01 \x01(\t\x12\x13\n\x0b\x66irst_block\x18\x02 \x01(\x05\x12\x12\n\nnum_blocks\x18\x03 \x01(\x05\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\">\n\x0bPushKVReply\x12\x17\n\x0f\x62locks_received\x18\x01 \x01(\x05\x12\x16\n\x0e\x62ytes_received\x18\x02 \x01(\x03\"W\n\x16\x43ommitMigrationRequest\x12\x14\n\x0cmigration_id\x18\x01 \x01(\t\x12\x14\n\x0cvalid_blocks\x18\x02 \x01(\x05\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\"7\n\x14\x43ommitMigrationReply\x12\x1f\n\x17kv_transfer_params_json\x18\x01 \x01(\t\"-\n\x15\x41\x62ortMigrationRequest\x12\x14\n\x0cmigration_id\x18\x01 \x01(\t\"\x15\n\x13\x41\x62ortMigrationReply\"C\n\x17ResolveMigrationRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x14\n\x0cwait_seconds\x18\x02 \x01(\x01\"\x89\x02\n\x15ResolveMigrationReply\x12\x37\n\x05state\x18\x01 \x01(\x0e\x32(.slofleet.v1.ResolveMigrationReply.State\x12\x17\n\x0ftarget_instance\x18\x02 \x01(\t\x12\x1f\n\x17kv_transfer_params_json\x18\x03 \x01(\t\x12\x14\n\x0cmigration_id\x18\x04 \x01(\t\"g\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x0e\n\nSTATE_NONE\x10\x01\x12\x18\n\x14STATE_RESUME_WITH_KV\x10\x02\x12\x1d\n\x19STATE_RESUME_BY_RECOMPUTE\x10\x03*\x83\x02\n\x10MigrationOutcome\x12!\n\x1dMIGRATION_OUTCOME_UNSPECIFIED\x10\x00\x12\x1e\n\x1aMIGRATION_OUTCOME_MIGRATED\x10\x01\x12\x1e\n\x1aMIGRATION_OUTCOME_REJECTED\x10\x02\x12%\n!MIGRATION_OUTCOME_SOURCE_FINISHED\x10\x03\x12!\n\x1dMIGRATION_OUTCOME_SOURCE_LOST\x10\x04\x12!\n\x1dMIGRATION_OUTCOME_PEER_FAILED\x10\x05\x12\x1f\n\x1bMIGRATION_OUTCOME_RECOMPUTE\x10\x06\x32\x83\x04\n\tMigration\x12N\n\nMigrateOut\x12\x1e.slofleet.v1.MigrateOutRequest\x1a\x1e.slofleet.v1.MigrationProgress0\x01\x12Y\n\x0f\x41\x63\x63\x65ptMigration\x12#.slofleet.v1.AcceptMigrationRequest\x1a!.slofleet.v1.AcceptMigrationReply\x12:\n\x06PushKV\x12\x14.slofleet.v1.KVChunk\x1a\x18.slofleet.v1.PushKVReply(\x01\x12Y\n\x0f\x43ommitMigration\x12#.slofleet.v1.CommitMigrationRequest\x1a!.slofleet.v1.CommitMigrationReply\x12V\n\x0e\x41\x62ortMigration\x12\".slofleet.v1.AbortMigrationRequest\x1a .slofleet.v1.AbortMigrationReply\x12\\\n\x10ResolveMigration\x12$.slofleet.v1.ResolveMigrationRequest\x1a\".slofleet.v1.ResolveMigrationReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'slofleet.api.v1.migration_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MIGRATIONOUTCOME']._serialized_start=1370
-  _globals['_MIGRATIONOUTCOME']._serialized_end=1629
+  _globals['_MIGRATIONOUTCOME']._serialized_start=1334
+  _globals['_MIGRATIONOUTCOME']._serialized_end=1593
   _globals['_MIGRATEOUTREQUEST']._serialized_start=49
   _globals['_MIGRATEOUTREQUEST']._serialized_end=206
   _globals['_MIGRATIONPROGRESS']._serialized_start=209
@@ -42,23 +42,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ACCEPTMIGRATIONREPLY']._serialized_start=570
   _globals['_ACCEPTMIGRATIONREPLY']._serialized_end=626
   _globals['_KVCHUNK']._serialized_start=628
-  _globals['_KVCHUNK']._serialized_end=750
-  _globals['_PUSHKVREPLY']._serialized_start=752
-  _globals['_PUSHKVREPLY']._serialized_end=814
-  _globals['_COMMITMIGRATIONREQUEST']._serialized_start=816
-  _globals['_COMMITMIGRATIONREQUEST']._serialized_end=903
-  _globals['_COMMITMIGRATIONREPLY']._serialized_start=905
-  _globals['_COMMITMIGRATIONREPLY']._serialized_end=960
-  _globals['_ABORTMIGRATIONREQUEST']._serialized_start=962
-  _globals['_ABORTMIGRATIONREQUEST']._serialized_end=1007
-  _globals['_ABORTMIGRATIONREPLY']._serialized_start=1009
-  _globals['_ABORTMIGRATIONREPLY']._serialized_end=1030
-  _globals['_RESOLVEMIGRATIONREQUEST']._serialized_start=1032
-  _globals['_RESOLVEMIGRATIONREQUEST']._serialized_end=1099
-  _globals['_RESOLVEMIGRATIONREPLY']._serialized_start=1102
-  _globals['_RESOLVEMIGRATIONREPLY']._serialized_end=1367
-  _globals['_RESOLVEMIGRATIONREPLY_STATE']._serialized_start=1264
-  _globals['_RESOLVEMIGRATIONREPLY_STATE']._serialized_end=1367
-  _globals['_MIGRATION']._serialized_start=1632
-  _globals['_MIGRATION']._serialized_end=2147
+  _globals['_KVCHUNK']._serialized_end=714
+  _globals['_PUSHKVREPLY']._serialized_start=716
+  _globals['_PUSHKVREPLY']._serialized_end=778
+  _globals['_COMMITMIGRATIONREQUEST']._serialized_start=780
+  _globals['_COMMITMIGRATIONREQUEST']._serialized_end=867
+  _globals['_COMMITMIGRATIONREPLY']._serialized_start=869
+  _globals['_COMMITMIGRATIONREPLY']._serialized_end=924
+  _globals['_ABORTMIGRATIONREQUEST']._serialized_start=926
+  _globals['_ABORTMIGRATIONREQUEST']._serialized_end=971
+  _globals['_ABORTMIGRATIONREPLY']._serialized_start=973
+  _globals['_ABORTMIGRATIONREPLY']._serialized_end=994
+  _globals['_RESOLVEMIGRATIONREQUEST']._serialized_start=996
+  _globals['_RESOLVEMIGRATIONREQUEST']._serialized_end=1063
+  _globals['_RESOLVEMIGRATIONREPLY']._serialized_start=1066
+  _globals['_RESOLVEMIGRATIONREPLY']._serialized_end=1331
+  _globals['_RESOLVEMIGRATIONREPLY_STATE']._serialized_start=1228
+  _globals['_RESOLVEMIGRATIONREPLY_STATE']._serialized_end=1331
+  _globals['_MIGRATION']._serialized_start=1596
+  _globals['_MIGRATION']._serialized_end=2111
 # @@protoc_insertion_point(module_scope)

@@ -214,24 +214,12 @@ class KVChunk(_message.Message):
     FIRST_BLOCK_FIELD_NUMBER: _builtins.int
     NUM_BLOCKS_FIELD_NUMBER: _builtins.int
     DATA_FIELD_NUMBER: _builtins.int
-    TOKEN_IDS_FIELD_NUMBER: _builtins.int
-    PRELOAD_FIELD_NUMBER: _builtins.int
     migration_id: _builtins.str
     first_block: _builtins.int
     """index in the request of the first block in `data`"""
     num_blocks: _builtins.int
     data: _builtins.bytes
     """num_blocks whole blocks, layer-major inside each block"""
-    preload: _builtins.bool
-    """Sent before the stop (a pre-copy stage): the destination may preload the blocks now. The
-    tail after the stop goes without it, as the commit follows at once.
-    """
-    @_builtins.property
-    def token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
-        """The tokens those blocks hold (num_blocks * block_size), so that the destination can load them
-        into its engine's prefix cache before the cut-over; empty when the sender does not know them.
-        """
-
     def __init__(
         self,
         *,
@@ -239,12 +227,10 @@ class KVChunk(_message.Message):
         first_block: _builtins.int = ...,
         num_blocks: _builtins.int = ...,
         data: _builtins.bytes = ...,
-        token_ids: _abc.Iterable[_builtins.int] | None = ...,
-        preload: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "first_block", b"first_block", "migration_id", b"migration_id", "num_blocks", b"num_blocks", "preload", b"preload", "token_ids", b"token_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "first_block", b"first_block", "migration_id", b"migration_id", "num_blocks", b"num_blocks"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
