@@ -38,7 +38,7 @@ from tests.migration_support import (
     start_engine,
     start_node,
     stop_node,
-    wait_tokens,
+    wait_engine_tokens,
 )
 
 MODES = ("live", "stop-and-copy", "recompute")
@@ -57,11 +57,10 @@ async def one(
     # prefilled prompt there, which the measurement does not include anyway.
     async with session.post(b.url + "/reset_prefix_cache") as r:
         r.raise_for_status()
-    received: asyncio.Queue[int] = asyncio.Queue()
     gen = asyncio.create_task(generate_following_moves(
-        session, nodes, a, model, prompt, decode_tokens, rid, received, recompute_on=b,
+        session, nodes, a, model, prompt, decode_tokens, rid, recompute_on=b,
     ))
-    await wait_tokens(received, 8)
+    await wait_engine_tokens(a, rid, 8, gen)
     t0 = time.perf_counter()
     if mode == "recompute":
         async with session.post(a.url + "/abort_requests", json={"request_ids": [f"cmpl-{rid}-0"]}) as r:
@@ -106,7 +105,17 @@ async def main(args: argparse.Namespace) -> int:
                 for mode in MODES:
                     runs = []
                     for _ in range(args.repeats):
-                        run = await one(session, nodes, model, length, mode, length, args.decode_tokens)
+                        for attempt in range(3):
+                            try:
+                                run = await one(
+                                    session, nodes, model, length, mode, length, args.decode_tokens
+                                )
+                                break
+                            except (RuntimeError, AssertionError) as e:
+                                # The request ended before the move began (the box stalled us).
+                                print(f"  retry {attempt + 1}: {e}"[:300], flush=True)
+                        else:
+                            raise RuntimeError(f"{mode} {length}: no run moved the request in 3 tries")
                         runs.append(run)
                         d, t, note = runs[-1]
                         print(f"  measured {length:>5} {mode:<14} downtime {d * 1000:8.1f} ms  total "
@@ -143,6 +152,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", default="256,1024,4096,8192")
     parser.add_argument("--size", default="base", help="tiny-model size (base is ~110 M parameters)")
-    parser.add_argument("--decode-tokens", type=int, default=160)
+    parser.add_argument("--decode-tokens", type=int, default=400)
     parser.add_argument("--repeats", type=int, default=3, help="runs per KV mode (the median is reported)")
     sys.exit(asyncio.run(main(parser.parse_args())))
