@@ -135,7 +135,6 @@ async def _stream(
     leg: Leg,
     body: dict[str, object],
     request_id: str,
-    received: asyncio.Queue[int] | None,
 ) -> AsyncIterator[tuple[list[int], str | None]]:
     async with session.post(
         leg.url + "/v1/completions", json=body, headers={"X-Request-Id": request_id}
@@ -151,8 +150,6 @@ async def _stream(
                     now = time.perf_counter()
                     leg.first_token_at = leg.first_token_at or now
                     leg.last_token_at = now
-                    if received is not None:
-                        received.put_nowait(len(toks))
                 yield toks, ch.get("finish_reason")
 
 
@@ -164,7 +161,6 @@ async def generate_following_moves(
     prompt: list[int],
     max_tokens: int,
     request_id: str,
-    received: asyncio.Queue[int] | None = None,
     recompute_on: Node | None = None,
 ) -> StreamResult:
     """Greedy generation that continues wherever the source's sidecar says the request went.
@@ -191,7 +187,7 @@ async def generate_following_moves(
             body["kv_transfer_params"] = kv_params
         finish = None
         rid = request_id if attempt == 0 else f"{request_id}-m{attempt}"
-        async for toks, reason in _stream(session, leg, body, rid, received):
+        async for toks, reason in _stream(session, leg, body, rid):
             tokens += toks
             leg.tokens += toks
             finish = reason or finish
@@ -240,12 +236,6 @@ async def prompt_tokens_by_source(session: aiohttp.ClientSession, url: str) -> d
         if m:
             out[m.group(1)] = float(m.group(2))
     return out
-
-
-async def wait_tokens(received: asyncio.Queue[int], n: int) -> None:
-    got = 0
-    while got < n:
-        got += await received.get()
 
 
 async def wait_engine_tokens(

@@ -56,7 +56,6 @@ class _Cycler:
         self.pids: set[int] = set()
         self.seen: set[int] = set()
         self.cycles = 0
-        self.longest_run_s = 0.0
         self.done = False
 
     def _signal(self, sig: signal.Signals) -> None:
@@ -82,11 +81,9 @@ class _Cycler:
                 if self.cycles == 0:
                     print("throttling", flush=True)  # EngineThrottle.__enter__ waits for this line
                 time.sleep(self.stop_s)
-                resumed = time.monotonic()
                 self._signal(signal.SIGCONT)
                 self.cycles += 1
                 time.sleep(self.run_s)
-                self.longest_run_s = max(self.longest_run_s, time.monotonic() - resumed)
         finally:
             self._signal(signal.SIGCONT)
 
@@ -110,7 +107,6 @@ class EngineThrottle:
         self.run_s, self.stop_s = run_s, stop_s
         self.engines_seen: set[int] = set()
         self.cycles = 0
-        self.longest_run_s = 0.0
         self._process: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> EngineThrottle:
@@ -131,7 +127,6 @@ class EngineThrottle:
             report = json.loads(out or b"{}")
             self.engines_seen = set(report.get("seen", []))
             self.cycles = int(report.get("cycles", 0))
-            self.longest_run_s = float(report.get("longest_run_s", 0.0))
         except subprocess.TimeoutExpired:
             self._process.kill()
             self._process.wait()
@@ -149,8 +144,7 @@ def _main(argv: list[str]) -> None:
 
     signal.signal(signal.SIGTERM, finish)
     cycler.run()
-    report = {"seen": sorted(cycler.seen), "cycles": cycler.cycles, "longest_run_s": cycler.longest_run_s}
-    print(json.dumps(report))
+    print(json.dumps({"seen": sorted(cycler.seen), "cycles": cycler.cycles}))
 
 
 if __name__ == "__main__":
