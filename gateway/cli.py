@@ -32,6 +32,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="per-instance limit in static mode (sidecars send theirs)")  # fmt: skip
     parser.add_argument("--dispatch", choices=[x.value for x in DispatchPolicy], default=p.policy.value)
     parser.add_argument("--locality-weight", type=float, default=p.locality_weight)
+    parser.add_argument("--burst-factor", type=float, default=p.burst_factor,
+                        help="interactive overflow past the local limits when all are full, as a multiple"
+                             " of each limit (1 makes the limit hard)")  # fmt: skip
     parser.add_argument(
         "--default-class", choices=[c.value for c in RequestClass], default=s.request_class.value
     )
@@ -53,6 +56,14 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
             " or --instances-file PATH"
         )
     token = args.sidecar_token_file.read_text().strip() if args.sidecar_token_file else None
+    try:
+        dispatch = DispatchParams(
+            policy=DispatchPolicy(args.dispatch),
+            locality_weight=args.locality_weight,
+            burst_factor=args.burst_factor,
+        )
+    except ValueError as e:
+        raise SystemExit(f"slofleet gateway: --burst-factor: {e}") from None
     return GatewayConfig(
         host=args.host,
         port=args.port,
@@ -66,7 +77,7 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
             batch_priority=args.batch_priority,
             batch_deadline_seconds=args.batch_deadline_seconds,
         ),
-        dispatch=DispatchParams(policy=DispatchPolicy(args.dispatch), locality_weight=args.locality_weight),
+        dispatch=dispatch,
         max_queued_interactive=args.max_queued,
         queue_timeout_seconds=args.queue_timeout_seconds,
         db_path=args.db,

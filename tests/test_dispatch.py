@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -86,26 +88,63 @@ dispatch_requests = st.builds(
 
 
 @settings(max_examples=300, deadline=None)
-@given(loads(), dispatch_requests, st.sampled_from(list(DispatchPolicy)), st.integers(0, 100))
+@given(
+    loads(), dispatch_requests, st.sampled_from(list(DispatchPolicy)), st.integers(0, 100),
+    st.sampled_from([1.0, 1.5, 2.0]),
+)  # fmt: skip
 def test_choice_always_respects_limits_and_is_order_independent(
-    ls: list[InstanceLoad], req: DispatchRequest, policy: DispatchPolicy, rr: int
+    ls: list[InstanceLoad], req: DispatchRequest, policy: DispatchPolicy, rr: int, burst: float
 ) -> None:
-    params = DispatchParams(policy=policy)
+    params = DispatchParams(policy=policy, burst_factor=burst)
     d = choose(ls, req, params, rr)
+    interactive = req.request_class is RequestClass.INTERACTIVE
+
+    def burst_room(x: InstanceLoad) -> bool:
+        return x.healthy and not x.draining and x.in_flight < math.ceil(x.concurrency_limit * burst)
+
     if d.instance_id is None:
-        # Nobody chosen only when nobody was eligible.
+        # Nobody chosen only when nobody was eligible, within limits or (interactive) the burst bound.
         assert all(
             not x.has_room
             or (req.request_class is RequestClass.BATCH and x.in_flight >= x.concurrency_limit - 1)
             for x in ls
         )
+        if interactive:
+            assert not any(burst_room(x) for x in ls)
     else:
         chosen = next(x for x in ls if x.instance_id == d.instance_id)
-        assert chosen.healthy and not chosen.draining and chosen.in_flight < chosen.concurrency_limit
+        if d.burst:
+            # Over its limit only for interactive work, only when no instance had room, and the
+            # one least loaded relative to its limit.
+            assert interactive and burst > 1.0 and burst_room(chosen)
+            assert not any(x.has_room for x in ls)
+            ratio = chosen.in_flight / chosen.concurrency_limit
+            assert all(x.in_flight / x.concurrency_limit >= ratio for x in ls if burst_room(x))
+        else:
+            assert chosen.healthy and not chosen.draining and chosen.in_flight < chosen.concurrency_limit
         if req.request_class is RequestClass.BATCH:
             assert chosen.in_flight < chosen.concurrency_limit - params.batch_reserve_slots
     # Same inputs in another order: same answer (deterministic, shared with the simulator).
     assert choose(list(reversed(ls)), req, params, rr) == d
+
+
+def test_interactive_overflow_goes_to_the_least_loaded_and_stops_at_the_burst_bound() -> None:
+    """Every instance at its limit: an interactive request goes to the one least over it, a batch
+    request gets none; at limit x burst_factor everywhere the interactive one queues too."""
+    a, b = load("a", n=8, limit=8), load("b", n=5, limit=4)
+    params = DispatchParams(burst_factor=1.5)
+    d = choose([a, b], DispatchRequest(32, 32), params)
+    assert (d.instance_id, d.burst, d.reason) == ("a", True, "burst")
+    batch = DispatchRequest(32, 32, request_class=RequestClass.BATCH)
+    assert choose([a, b], batch, params).instance_id is None
+    assert choose([a, b], DispatchRequest(32, 32), DispatchParams(burst_factor=1.0)).instance_id is None
+    full = [load("a", n=12, limit=8), load("b", n=6, limit=4)]
+    assert choose(full, DispatchRequest(32, 32), params).reason == "no_capacity"
+
+
+def test_burst_factor_below_one_is_refused() -> None:
+    with pytest.raises(ValueError, match="burst_factor"):
+        DispatchParams(burst_factor=0.5)
 
 
 @settings(max_examples=200, deadline=None)

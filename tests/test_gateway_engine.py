@@ -501,7 +501,8 @@ def test_engine_killed_mid_stream_client_gets_the_undisturbed_tokens(
 
 def test_full_queue_answers_429_with_retry_after(engines: Engines, tmp_path: Path) -> None:
     args = [a for s in engines.servers for a in ("--engine", s.url)]
-    args += ["--concurrency-limit", "1", "--max-queued", "1", "--db", str(tmp_path / "q.db")]
+    args += ["--concurrency-limit", "1", "--burst-factor", "1", "--max-queued", "1"]
+    args += ["--db", str(tmp_path / "q.db")]
     gw = GatewayProcess(args, tmp_path)
     gw.start()
     try:

@@ -24,9 +24,9 @@ def _pool(*ids: str, limit: int = 4) -> InstancePool:
     return pool
 
 
-def _scheduler(pool: InstancePool, queue_timeout_s: float = 5.0) -> Scheduler:
-    return Scheduler(pool, DispatchParams(), GatewayMetrics(), max_queued=8, queue_timeout_s=queue_timeout_s,
-                     retry_after_s=1)  # fmt: skip
+def _scheduler(pool: InstancePool, queue_timeout_s: float = 5.0, burst_factor: float = 1.0) -> Scheduler:
+    return Scheduler(pool, DispatchParams(burst_factor=burst_factor), GatewayMetrics(), max_queued=8,
+                     queue_timeout_s=queue_timeout_s, retry_after_s=1)  # fmt: skip
 
 
 def _placement(rid: str) -> Placement:
@@ -67,3 +67,18 @@ async def test_full_instances_queue_in_priority_order_then_429() -> None:
     with pytest.raises(ApiError) as err:
         await low
     assert err.value.status == 429 and err.value.headers["Retry-After"] == "1"
+
+
+async def test_interactive_burst_overflows_the_limits_before_it_queues() -> None:
+    """With every instance at its limit, interactive requests go over it (least loaded first) up
+    to limit x burst_factor, and only then wait; a finished one frees a slot for the waiter."""
+    pool = _pool("a", "b", limit=2)
+    sched = _scheduler(pool, burst_factor=1.5)
+    got = [await sched.acquire(_placement(f"r{i}"), f"r{i}") for i in range(6)]
+    assert sorted(i.instance_id for i in got) == ["a", "a", "a", "b", "b", "b"]
+    assert sched.waiting == 0
+    waiter = asyncio.create_task(sched.acquire(_placement("r6"), "r6"))
+    await asyncio.sleep(0.05)
+    assert not waiter.done() and sched.waiting == 1
+    sched.release(got[0], "r0", 16)
+    assert (await asyncio.wait_for(waiter, 1)).instance_id == got[0].instance_id

@@ -583,7 +583,7 @@ class Simulator:
             demand = -(-max(0, r.prompt + r.done + max(r.output - r.done, 1)) // self.block_size)
             slot = self.index[cls].best(demand)
             if slot is None:
-                return False
+                return cls == INTERACTIVE and self._burst(r, t)
             self._admit(r, self.instances[slot], t)
             return True
         cands = self._candidates(r)
@@ -594,6 +594,20 @@ class Simulator:
             return False
         inst = self.instances[int(chosen.rsplit("-", 1)[1])]
         self._admit(r, inst, t)
+        return True
+
+    def _burst(self, r: Req, t: float) -> bool:
+        """The indexed path's copy of `dispatch.choose`'s interactive overflow: every instance is
+        at its limit, so `burst_pick` chooses among the same instances `_candidates` lists."""
+        factor = _DISPATCH_PARAMS.burst_factor
+        if factor <= 1.0:
+            return False
+        pools = self.interactive_pools
+        by_id = {i.iid: i for i in self.live if i.ready and not i.draining and i.pool in pools}
+        chosen = dispatch_policy.burst_pick(((i.iid, i.in_flight, i.limit) for i in by_id.values()), factor)
+        if chosen is None:
+            return False
+        self._admit(r, by_id[chosen], t)
         return True
 
     def _admit(self, r: Req, inst: Inst, t: float) -> None:
