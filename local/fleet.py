@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import aiohttp
 
 from slofleet.fleet import InstanceRef, Phase
 from slofleet.instance import Pool
+from slofleet.local.cpus import BIND_ENV, CpuPlacer
 from slofleet.local.instance import EngineLaunch, LocalInstance
 
 log = logging.getLogger(__name__)
@@ -32,7 +34,11 @@ class LocalFleet:
         log_dir: Path,
         on_change: ChangeHook | None = None,
         start_timeout_seconds: float = 600.0,
+        cpu_slots: int = 0,
     ) -> None:
+        """`cpu_slots`: the most instances that may run at once; each engine gets its own share of
+        this machine's cores for that many (`slofleet.local.cpus`). 0, or a binding already set in
+        the environment or the launch, leaves vLLM's own binding."""
         self.service = service
         self.launch = launch
         self.log_dir = log_dir
@@ -44,6 +50,8 @@ class LocalFleet:
         self._lock = asyncio.Lock()
         self._session: aiohttp.ClientSession | None = None
         self._starting: set[asyncio.Task[None]] = set()
+        user_bound = BIND_ENV in os.environ or BIND_ENV in launch.env
+        self._cpus = None if cpu_slots <= 0 or user_bound else CpuPlacer(os.sched_getaffinity(0), cpu_slots)
 
     async def __aenter__(self) -> LocalFleet:
         self._session = aiohttp.ClientSession()
@@ -79,7 +87,7 @@ class LocalFleet:
                 )
                 victims = order[: len(members) - replicas]
                 for victim in victims:
-                    self._instances.pop(victim.instance_id)
+                    self._forget(victim.instance_id)
                 await asyncio.gather(*(v.stop() for v in victims))
                 changed = True
             for _ in range(replicas - len(members)):
@@ -117,13 +125,19 @@ class LocalFleet:
     async def _reap_failed(self, pool: Pool) -> bool:
         failed = [i for i in self._instances.values() if i.pool == pool and i.phase == Phase.FAILED]
         for inst in failed:
-            self._instances.pop(inst.instance_id)
+            self._forget(inst.instance_id)
         await asyncio.gather(*(i.stop() for i in failed))
         return bool(failed)
 
+    def _forget(self, instance_id: str) -> None:
+        self._instances.pop(instance_id)
+        if self._cpus is not None:
+            self._cpus.release(instance_id)
+
     def _launch(self, pool: Pool) -> None:
         instance_id = f"{self.service}-{pool.value}-{next(self._ids)}"
-        inst = LocalInstance(instance_id, pool, self.launch, self.log_dir)
+        placement = {BIND_ENV: self._cpus.assign(instance_id)} if self._cpus is not None else None
+        inst = LocalInstance(instance_id, pool, self.launch, self.log_dir, placement)
         self._instances[instance_id] = inst
         inst.start()
         task = asyncio.create_task(self._await_ready(inst), name=f"ready-{instance_id}")

@@ -34,7 +34,14 @@ class EngineLaunch:
 
 
 class LocalInstance:
-    def __init__(self, instance_id: str, pool: Pool, launch: EngineLaunch, log_dir: Path) -> None:
+    def __init__(
+        self,
+        instance_id: str,
+        pool: Pool,
+        launch: EngineLaunch,
+        log_dir: Path,
+        placement_env: Mapping[str, str] | None = None,
+    ) -> None:
         self.instance_id = instance_id
         self.pool = pool
         self.launch = launch
@@ -52,6 +59,7 @@ class LocalInstance:
             "HF_HUB_OFFLINE": "1",
             "VLLM_SERVER_DEV_MODE": "1",
             "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+            **(placement_env or {}),
             **launch.env,
         }
         self.engine = ManagedProcess(

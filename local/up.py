@@ -230,7 +230,9 @@ class LocalUp:
         )
         autoscaler = autoscaler_from_spec(self.spec)
         sidecars = SidecarClient(self.token)
-        async with LocalFleet(self.service.name, launch, self.log_dir, self._on_fleet_change) as fleet:
+        async with LocalFleet(
+            self.service.name, launch, self.log_dir, self._on_fleet_change, cpu_slots=self.spec.replicas.max
+        ) as fleet:
             self.fleet = fleet
             self.gateway = self._start_gateway()
             try:
