@@ -16,7 +16,7 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,11 +62,17 @@ class Node:
 
 
 def start_engine(
-    name: str, model: str | Path, engine_args: Sequence[str], max_model_len: int
+    name: str,
+    model: str | Path,
+    engine_args: Sequence[str],
+    max_model_len: int,
+    env: Mapping[str, str] | None = None,
 ) -> tuple[VllmServer, str]:
     sock_dir = Path(tempfile.mkdtemp(prefix=f"slofleet-{name}-", dir="/dev/shm"))
     sock = str(sock_dir / "kv.sock")
-    server = start_vllm(model, extra_args=[*connector_args(sock), *engine_args], max_model_len=max_model_len)
+    server = start_vllm(
+        model, extra_args=[*connector_args(sock), *engine_args], max_model_len=max_model_len, env=env
+    )
     return server, sock
 
 
