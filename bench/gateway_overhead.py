@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from enginectl import PROJECT_ENGINE_ARGS, start_vllm
 from gateway_support import GatewayProcess
 
+from slofleet.local.cpus import BIND_ENV, bind_value, cpu_groups
 from slofleet.tinymodel import ensure_tiny_model
 
 
@@ -135,13 +136,19 @@ def main() -> int:
     args = parser.parse_args()
     model = ensure_tiny_model("tiny")
     engine_args = (*PROJECT_ENGINE_ARGS, "--scheduling-policy", "priority", "--served-model-name", "tiny")
-    with tempfile.TemporaryDirectory() as tmp, start_vllm(model, extra_args=engine_args) as engine:
+    # The engine's compute threads on one share of the cores, this client and the gateway on the
+    # other, as in a deployment where the gateway does not run on the engine's cores.
+    engine_cpus, other_cpus = cpu_groups(sorted(os.sched_getaffinity(0)), 2)
+    env = {BIND_ENV: bind_value(engine_cpus)}
+    with tempfile.TemporaryDirectory() as tmp, start_vllm(model, extra_args=engine_args, env=env) as engine:
+        os.sched_setaffinity(0, other_cpus)  # the gateway, started below, inherits it
         gw = GatewayProcess(
             ["--engine", engine.url, "--concurrency-limit", "1024", "--db", f"{tmp}/q.sqlite3"], Path(tmp)
         )
         gw.start()
         try:
-            print(f"vLLM {engine.url} (tiny model, CPU) vs gateway {gw.url}; max_tokens={args.max_tokens}, "
+            print(f"vLLM {engine.url} (tiny model, CPU, cores {bind_value(engine_cpus)}) vs gateway {gw.url} "
+                  f"(with this client on cores {bind_value(other_cpus)}); max_tokens={args.max_tokens}, "
                   f"{args.requests_per_worker} requests/worker x {args.repeats} repeats")  # fmt: skip
             asyncio.run(measure(engine.url, gw.url, gw.proc.pid, args))
         finally:
