@@ -3,8 +3,9 @@
     .venv/bin/python bench/migration.py [--lengths 256,1024,4096,8192] [--size base]
 
 Two real vLLM CPU engines (a generated ~110 M-parameter Llama, max-model-len 9000) with slofleet's
-KV connector, and their Migration services, each engine bound to its own share of the cores. For each length a request with a prompt of that many
-tokens decodes on A; after a few tokens it moves to B by
+KV connector, and their Migration services, each engine bound to its own share of the cores. For
+each length a request with a prompt of that many tokens decodes on A; after a few tokens it moves to
+B by
 - live: MigrateOut with pre-copy stages (the copy runs while A keeps decoding);
 - stop-and-copy: MigrateOut with max_stages=0 (every block is copied after the stop);
 - recompute: abort on A, resume on B with prompt = prompt + generated, no KV.
