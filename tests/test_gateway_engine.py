@@ -510,9 +510,16 @@ def test_full_queue_answers_429_with_retry_after(engines: Engines, tmp_path: Pat
         path, body = _long_body("completions")
         body = {**body, "max_tokens": 900, "stream": False}
         results: list[httpx.Response] = []
+        data = json.dumps(body).encode()
+        json_headers = {"Content-Type": "application/json"}
+        # Every client is built before any sends (creating one takes tens of ms under the GIL, which
+        # on a loaded box spread the 8 arrivals over as long as a request takes to run).
+        start = threading.Barrier(8)
 
         def send() -> None:
-            results.append(_raw(gw, path, body))
+            with httpx.Client(timeout=60) as client:
+                start.wait()
+                results.append(client.post(gw.url + path, content=data, headers=json_headers))
 
         # 2 slots (two instances at limit 1) + 1 queue place: of 8 at once, some must be refused.
         threads = [threading.Thread(target=send) for _ in range(8)]
