@@ -51,16 +51,22 @@ class GatewayMetrics:
         )
         self.dispatch = Counter(
             "slofleet_gateway_dispatch_decisions",
-            "Dispatch decisions by policy and result (dispatched, no_capacity).",
+            "Dispatch decisions by policy and result (dispatched, burst: over the local limit, no_capacity).",
             ["policy", "result"],
             registry=r,
         )
         self.resumes = Counter(
             "slofleet_gateway_resumes",
-            "Requests moved to another instance mid-flight, by reason (instance_lost, move).",
+            "Requests moved to another instance mid-flight, by reason "
+            "(instance_lost, migration_recompute, move).",
             ["reason"],
             registry=r,
         )
+        # Every reason exists from the start at 0: a healthy fleet may never resume a request, and
+        # a series that appears only at the first failure leaves dashboards and rate() alerts
+        # blank until then instead of showing 0.
+        for reason in ("instance_lost", "migration_recompute", "move"):
+            self.resumes.labels(reason)
         self.in_flight = Gauge(
             "slofleet_gateway_requests_in_flight",
             "Requests the gateway is relaying now, by class.",
