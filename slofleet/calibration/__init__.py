@@ -48,6 +48,13 @@ class EngineCalibration:
     # API server -> scheduler and back: HTTP, tokenization, detokenization); the simulator adds
     # it to the TTFT and end-to-end time a client sees. 0 where the source does not give it.
     response_path_s: float = 0.0
+    # Model sizes for KunServe's parameter drop (simulated by `slofleet.sim.kunserve`): bytes of
+    # the decoder layers' weights (what a drop can free; embeddings and the head stay), of one
+    # token's KV over all layers, and the decoder layer count. 0 where the source does not give
+    # them (the mode is then unavailable).
+    layer_weight_bytes: int = 0
+    kv_bytes_per_token: int = 0
+    num_layers: int = 0
 
     def __post_init__(self) -> None:
         for f in fields(self):

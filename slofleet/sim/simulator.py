@@ -44,8 +44,17 @@ from slofleet.policies.local_autoscaler import (
     LocalObservation,
     next_limit,
 )
+from slofleet.policies.memory_planner import MemberView, PlannerState
+from slofleet.policies.memory_planner import plan as plan_memory
 from slofleet.policies.preemption import choose_preemption_instance, select_batch_evictions
 from slofleet.sim.dispatch_index import FreenessIndex
+from slofleet.sim.kunserve import (
+    KunServeConfig,
+    check_calibration,
+    drop_seconds,
+    member_calibration,
+    restore_seconds,
+)
 from slofleet.sim.traces import Trace
 from slofleet.sim.workload import BatchJob
 
@@ -54,6 +63,9 @@ DispatchFn = Callable[[Sequence[InstanceLoad], RequestInfo], str | None]
 
 _EPS = 1e-6
 INTERACTIVE, BATCH = 0, 1
+# Event kinds: an engine event, an instance ready after its cold start, a member entering or
+# leaving a pipeline group (its `version` field carries the new group size).
+ENGINE, READY, REGROUP = 0, 1, 2
 _DISPATCH_PARAMS = dispatch_policy.DispatchParams()
 
 
@@ -98,6 +110,9 @@ class SimConfig:
     horizon_s: float = 0.0
     # Give up on work still unfinished this long after the horizon (counted as missed).
     max_overrun_s: float = 7200.0
+    # KunServe's parameter drop and pipeline mode (`slofleet.sim.kunserve`): the memory planner
+    # runs at every local tick over the instances' engine queues. None: off.
+    kunserve: KunServeConfig | None = None
 
 
 class Req:
@@ -151,6 +166,7 @@ class Inst:
         self.ready = False
         self.draining = False
         self.limit = limit
+        self.group_size = 1  # > 1 while a member of a KunServe pipeline group (its own `cal` then)
         self.local_state: LocalAutoscalerState | None = None
         self.eq_i: deque[Req] = deque()
         self.eq_b: deque[Req] = deque()
@@ -307,7 +323,7 @@ class Inst:
             sim = self.sim
             sim.seq += 1
             t_next = self.t_last + max(best, 0.0) * dt
-            heapq.heappush(sim.events, (t_next, sim.seq, 0, self.idx, self.version))
+            heapq.heappush(sim.events, (t_next, sim.seq, ENGINE, self.idx, self.version))
 
     # ---- engine actions ----------------------------------------------------------------------
     def on_event(self, t: float) -> None:
@@ -449,6 +465,8 @@ class SimResult:
     samples: dict[str, list[float]]
     mean_e2e_s: float = 0.0
     wall_s: float = 0.0
+    groups_formed: int = 0  # KunServe pipeline groups formed (drops) and split (restores)
+    groups_split: int = 0
 
     @property
     def interactive_attainment(self) -> float:
@@ -503,11 +521,16 @@ class Simulator:
         self.scale_events: list[tuple[float, str, int, int, str]] = []
         self.evictions = 0
         self.migrations = 0
+        self.groups_formed = 0
+        self.groups_split = 0
+        self.planner_state = PlannerState()
+        if config.kunserve is not None:
+            check_calibration(self.cal)
         self.samples: dict[str, list[float]] = {
             k: []
             for k in (
                 "t", "interactive_rps", "batch_rps", "interactive", "mixed", "batch", "ready",
-                "attainment", "batch_queue", "interactive_queue",
+                "attainment", "batch_queue", "interactive_queue", "grouped",
             )
         }  # fmt: skip
         self._arrivals_since_sample = [0, 0]
@@ -533,7 +556,7 @@ class Simulator:
         if ready:
             inst.ready = True
         else:
-            self.push(inst.ready_at, 1, inst.idx, 0)
+            self.push(inst.ready_at, READY, inst.idx, 0)
         return inst
 
     def stop(self, inst: Inst, t: float) -> None:
@@ -552,7 +575,6 @@ class Simulator:
         """Feed every instance changed since this class's last dispatch to its dispatch index
         (the hot path of a big fleet: unchanged entries are skipped before calling the index)."""
         bs = self.cal.block_size_tokens
-        total = self.cal.kv_capacity_tokens // bs
         index = self.index[cls]
         live = index.live
         update = index.update
@@ -567,6 +589,7 @@ class Simulator:
             slot = i.idx
             if i.ready and not i.draining and i.stop_t < 0 and i.pool in pools and n < i.limit - reserve:
                 kv = i.sum_ctx0 + len(i.run) * i.steps - i.sum_s0 + i.pf_ctx
+                total = i.cal.kv_capacity_tokens // bs  # a pipeline member's is larger
                 free = total - max(min(total, math.ceil(kv / bs)), 0)
                 if live.get(slot) != (free, i.iid, n):
                     update(slot, i.iid, free, n, True)
@@ -752,14 +775,73 @@ class Simulator:
                     itl_p99_s=_p99(itls),
                     throughput_tokens_per_s=tok,
                     in_flight=inst.in_flight,
-                    kv_usage_fraction=inst.kv_used() / self.cal.kv_capacity_tokens,
+                    kv_usage_fraction=inst.kv_used() / inst.cal.kv_capacity_tokens,
                     new_preemptions=new_pre,
                 )
                 inst.local_state = next_limit(inst.local_state, obs, cfg)
                 inst.limit = inst.local_state.limit
             inst.plan()
+        if self.cfg.kunserve is not None:
+            self.plan_memory(t, self.cfg.kunserve)
         if self.giq or self.gbq:
             self.release(t)
+
+    def plan_memory(self, t: float, ks: KunServeConfig) -> None:
+        """One memory-planner tick over the serving instances; its drops and restores take effect
+        when their transition ends (a REGROUP event per member)."""
+        cal = self.cal
+        bs = cal.block_size_tokens
+        members = []
+        for i in self.live:
+            if not i.ready:
+                continue
+            load = i.load()
+            demand = sum(-(-(q.prompt + q.done) // bs) for q in (*i.eq_i, *i.eq_b))
+            members.append(
+                MemberView(
+                    instance_id=i.iid,
+                    model=cal.model,
+                    kv_usage=load.kv_usage_fraction,
+                    kv_free_blocks=load.kv_free_blocks,
+                    queued_demand_blocks=demand,
+                    waiting_requests=load.waiting_requests,
+                    layers_total=cal.num_layers,
+                    weight_bytes=cal.layer_weight_bytes,
+                    kv_bytes_per_block=cal.kv_bytes_per_token * bs,
+                    healthy=not i.draining,
+                )
+            )
+        actions, self.planner_state = plan_memory(members, self.planner_state, t, ks.planner)
+        by_id = {i.iid: i for i in self.live}
+        for a in actions:
+            g = len(a.group.members)
+            if a.kind == "drop":
+                self.groups_formed += 1
+            else:
+                self.groups_split += 1
+            for iid in a.group.members:
+                inst = by_id.get(iid)
+                if inst is None:
+                    continue
+                kv = inst.kv_used()
+                if a.kind == "drop":
+                    self.push(t + drop_seconds(cal, g, kv, ks.costs), REGROUP, inst.idx, g)
+                else:
+                    self.push(t + restore_seconds(cal, g, kv, ks.costs), REGROUP, inst.idx, 1)
+
+    def regroup(self, inst: Inst, group_size: int, t: float) -> None:
+        """A member's transition ended: it serves with the pipeline member's costs and capacity
+        (or its own again); work that no longer fits is preempted by the engine's own rule."""
+        inst.advance(t)
+        inst.group_size = group_size
+        ks = self.cfg.kunserve
+        assert ks is not None
+        inst.cal = member_calibration(self.cal, group_size, ks.costs)
+        if inst.run and inst.kv_used() >= inst.cal.kv_capacity_tokens - 0.5:
+            inst._preempt_newest()
+        inst.try_start()
+        inst.plan()
+        self.after_change(inst, t)
 
     def _attainment(self, t: float) -> float | None:
         horizon = t - self.cfg.attainment_window_s
@@ -864,6 +946,7 @@ class Simulator:
         s["attainment"].append(math.nan if att is None else att)
         s["batch_queue"].append(len(self.gbq))
         s["interactive_queue"].append(len(self.giq))
+        s["grouped"].append(sum(1 for i in self.live if i.group_size > 1))
 
     # ---- main loop ---------------------------------------------------------------------------
     def run(self) -> SimResult:
@@ -924,14 +1007,17 @@ class Simulator:
                 inst = instances[idx]
                 if inst.stop_t >= 0:
                     continue
-                if kind == 1:
+                if kind == ENGINE:
+                    if version == inst.version:
+                        inst.on_event(t)
+                elif kind == READY:
                     inst.ready = True
                     inst.t_last = t
                     inst.plan()
                     if self.giq or self.gbq:
                         self.release(t)
-                elif version == inst.version:
-                    inst.on_event(t)
+                else:
+                    self.regroup(inst, version, t)
                 continue
             if t_arr <= t_job:
                 t = t_arr
@@ -973,6 +1059,8 @@ class Simulator:
             ),
             samples=self.samples,
             mean_e2e_s=self.e2e_sum / self.int_total if self.int_total else 0.0,
+            groups_formed=self.groups_formed,
+            groups_split=self.groups_split,
         )
 
 
