@@ -23,7 +23,6 @@ SHIPPED = {
     "azure-code": "AzureLLMInferenceTrace_code.csv",
     "azure-conv": "AzureLLMInferenceTrace_conv.csv",
     "mooncake-conv": "mooncake_conversation_trace.jsonl",
-    "mooncake-synthetic": "mooncake_synthetic_trace.jsonl",
 }
 
 
