@@ -71,6 +71,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--keda-target", type=float, default=10.0, help="waiting requests per replica")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--kunserve",
+        action="store_true",
+        help="simulate KunServe's parameter drop: instances out of KV memory form pipeline groups "
+        "(needs a calibration with layer_weight_bytes, kv_bytes_per_token and num_layers)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="write results.json and PNG plots here")
     parser.add_argument(
         "--calibrate-cpu",
@@ -94,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
 
     from slofleet.calibration import load_calibration
     from slofleet.sim import experiment, report
+    from slofleet.sim.kunserve import KunServeConfig
     from slofleet.sim.simulator import SloSpec
     from slofleet.sim.sizing import instance_capacity
     from slofleet.sim.traces import load_trace, shape
@@ -136,6 +143,7 @@ def run(args: argparse.Namespace) -> int:
         concurrency_at_capacity=concurrency,
         static_replicas=args.static_replicas, max_replicas=args.max_replicas,
         hpa_metric=args.hpa_metric, hpa_target=args.hpa_target, keda_target=args.keda_target,
+        kunserve=KunServeConfig() if args.kunserve else None,
     )  # fmt: skip
     print(
         f"trace {raw.name}: {len(trace)} interactive requests over {trace.duration_s / 60:.1f} min "

@@ -29,6 +29,7 @@ from slofleet.policies.global_autoscaler import (
     PoolBounds,
 )
 from slofleet.policies.local_autoscaler import LocalAutoscalerConfig
+from slofleet.sim.kunserve import KunServeConfig
 from slofleet.sim.simulator import SimConfig, SimResult, Simulator, SloSpec
 from slofleet.sim.sizing import PeakEstimate, instance_capacity, peak_instances
 from slofleet.sim.traces import Trace
@@ -55,6 +56,8 @@ class Experiment:
     chiron: ChironConfig = field(default_factory=ChironConfig)
     local_autoscaler: LocalAutoscalerConfig | None = None
     local_window_s: float = 5.0
+    # KunServe's parameter drop and pipeline mode for every policy (None: off)
+    kunserve: KunServeConfig | None = None
 
 
 def size(exp: Experiment) -> PeakEstimate:
@@ -127,6 +130,7 @@ def run(
             initial_replicas=initial_replicas(policy, exp, peak),
             local_autoscaler=exp.local_autoscaler,
             local_window_s=exp.local_window_s,
+            kunserve=exp.kunserve,
         )
         t0 = time.perf_counter()
         result = Simulator(exp.trace, exp.jobs, policy, cfg).run()

@@ -40,6 +40,7 @@ def rows(results: Sequence[SimResult]) -> list[dict[str, object]]:
                 "migrations": r.migrations,
                 "batch_evictions": r.evictions,
                 "engine_preemptions": r.preemptions,
+                "pipeline_groups": r.groups_formed,
                 "wall_s": r.wall_s,
             }
         )
@@ -50,7 +51,7 @@ def table(results: Sequence[SimResult]) -> str:
     header = (
         f"{'policy':<18} {'int.SLO':>8} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} {'ITL p99':>8} "
         f"{'batch ok':>8} {'GPU-h':>8} {'vs static':>9} {'peak':>5} {'scale':>6} {'migr':>5} "
-        f"{'evict':>6} {'preempt':>7} {'wall':>6}"
+        f"{'evict':>6} {'preempt':>7} {'groups':>6} {'wall':>6}"
     )
     lines = [header, "-" * len(header)]
     for row in rows(results):
@@ -59,7 +60,8 @@ def table(results: Sequence[SimResult]) -> str:
             f"{row['ttft_p99_s']:>8.3f}s {row['itl_p50_ms']:>6.1f}ms {row['itl_p99_ms']:>6.1f}ms "
             f"{row['batch_on_time']:>8.2%} {row['gpu_hours']:>8.1f} {row['gpu_hours_vs_static']:>9.2f} "
             f"{row['peak_replicas']:>5} {row['scale_events']:>6} {row['migrations']:>5} "
-            f"{row['batch_evictions']:>6} {row['engine_preemptions']:>7} {row['wall_s']:>5.0f}s"
+            f"{row['batch_evictions']:>6} {row['engine_preemptions']:>7} {row['pipeline_groups']:>6} "
+            f"{row['wall_s']:>5.0f}s"
         )
     return "\n".join(lines)
 
