@@ -20,13 +20,14 @@ from typing import Any
 
 import torch
 
+from slofleet.sidecar.vllm_ext.kv_resize import KvResizeExtension
 from slofleet.sidecar.vllm_ext.layers import LayerDropExtension
 
 # The protocol version of the dicts below; the sidecar checks it (see slofleet.sidecar.engine).
 EXTENSION_PROTOCOL = 1
 
 
-class SlofleetWorkerExtension(LayerDropExtension):
+class SlofleetWorkerExtension(LayerDropExtension, KvResizeExtension):
     """Mixed into vLLM's Worker; see the module docstring for the rules of adding methods."""
 
     # Provided by vLLM's Worker once this class is mixed in.
