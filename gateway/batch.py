@@ -71,7 +71,10 @@ def validate_batch_file(content: bytes, models: dict[str, int]) -> list[dict[str
         raise invalid("file", f"must be UTF-8 JSONL ({exc})") from exc
     lines: list[dict[str, Any]] = []
     seen: set[str] = set()
-    for n, raw in enumerate(text.splitlines(), start=1):
+    # JSONL lines end at "\n" (or "\r\n") only: str.splitlines would also cut a line at a raw
+    # U+2028, U+0085 or \x1c inside a JSON string, which is valid JSON and turns up in model text.
+    for n, raw in enumerate(text.split("\n"), start=1):
+        raw = raw.removesuffix("\r")
         if not raw.strip():
             continue
         where = f"line {n}: "

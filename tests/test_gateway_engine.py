@@ -365,6 +365,18 @@ def test_bad_jsonl_lines_are_refused_naming_line_and_field(
     assert field in exc.value.message
 
 
+def _sse_lines(r: httpx.Response) -> Iterator[bytes]:
+    """SSE lines end at CR, LF or CRLF only. httpx's `iter_lines` also breaks at U+2028, U+0085
+    and the like, which the random tiny model writes and JSON carries raw inside its strings."""
+    buf = b""
+    for data in r.iter_bytes():
+        buf += data
+        *lines, buf = buf.split(b"\n")
+        yield from (ln.removesuffix(b"\r") for ln in lines)
+    if buf:
+        yield buf
+
+
 def _stream_tokens(
     url: str, body: dict[str, Any], on_chunk: Any = None
 ) -> tuple[list[int], str, list[dict[str, Any]], httpx.Headers]:
@@ -373,8 +385,8 @@ def _stream_tokens(
     chunks: list[dict[str, Any]] = []
     with httpx.stream("POST", url, json=body, timeout=120) as r:
         assert r.status_code == 200, r.read()
-        for line in r.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
+        for line in _sse_lines(r):
+            if not line.startswith(b"data: ") or line == b"data: [DONE]":
                 continue
             c = json.loads(line[6:])
             chunks.append(c)
