@@ -1,5 +1,6 @@
 """KunServe's pipeline mode in the simulator at cluster scale (issue 10, benchmark, second half):
-plain vLLM queueing against the memory planner's parameter drop, same trace, same fleet, one run.
+plain vLLM queueing against the memory planner's parameter drop and against Llumnix's live
+migration, same trace, same fleet, one run.
 
 The engine costs are the Llama-3-8B / H100 calibration (`llama3-8b-h100`, an estimate; its
 `layer_weight_bytes` and `kv_bytes_per_token` give the capacity a drop gains, and
@@ -10,11 +11,15 @@ Rows:
 - tight KV (`--tight-kv` tokens, default 45k: the KV an 8B keeps at a GPU memory share of about
   0.3, or on a 24 GB card): the memory-bound regime the mode is for.
 
-Prompts are capped at `--max-model-len` minus the output (a request longer than an engine's KV can
-never run; vLLM refuses it at admission). Migration-only (Llumnix) is not a row: the simulator does
-not move requests between instances (issue 8's migrations count stays 0).
+Modes, per row: `plain` (vLLM queueing), `kunserve` (the memory planner), `migration` (Llumnix
+live migration only: the rescheduler's policy at every control tick, `slofleet.sim.migration`'s
+copy and downtime costs) and `mig+kunserve` (both). `cut` is the plain mode's TTFT p99 over the
+row's.
 
-    python bench/kunserve_sim.py            # ~1 min on one core
+Prompts are capped at `--max-model-len` minus the output (a request longer than an engine's KV can
+never run; vLLM refuses it at admission).
+
+    python bench/kunserve_sim.py            # ~40 s on one core
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import numpy as np
 from slofleet.calibration import EngineCalibration, load_calibration
 from slofleet.instance import Pool
 from slofleet.policies.baselines import StaticAutoscaler
+from slofleet.policies.migration import MigrationConfig
 from slofleet.sim.kunserve import KunServeConfig, gained_tokens
 from slofleet.sim.simulator import SimConfig, SimResult, Simulator
 from slofleet.sim.traces import Trace, load_trace, shape
@@ -39,9 +45,27 @@ def capped(trace: Trace, max_model_len: int) -> Trace:
     return Trace(trace.name, trace.arrival_s, prompt, out)
 
 
-def run(trace: Trace, cal: EngineCalibration, instances: int, kunserve: KunServeConfig | None) -> SimResult:
+MODES: tuple[tuple[str, KunServeConfig | None, MigrationConfig | None], ...] = (
+    ("plain", None, None),
+    ("kunserve", KunServeConfig(), None),
+    ("migration", None, MigrationConfig()),
+    ("mig+kunserve", KunServeConfig(), MigrationConfig()),
+)
+
+
+def run(
+    trace: Trace,
+    cal: EngineCalibration,
+    instances: int,
+    kunserve: KunServeConfig | None,
+    migration: MigrationConfig | None = None,
+) -> SimResult:
     cfg = SimConfig(
-        calibration=cal, initial_replicas={Pool.MIXED: instances}, kunserve=kunserve, sample_interval_s=5.0
+        calibration=cal,
+        initial_replicas={Pool.MIXED: instances},
+        kunserve=kunserve,
+        migration=migration,
+        sample_interval_s=5.0,
     )
     return Simulator(trace, (), StaticAutoscaler(instances), cfg).run()
 
@@ -69,26 +93,24 @@ def main(argv: list[str]) -> int:
         f"from {args.start:g} s; a group of 2 gains {gained_tokens(base, 2):,} tokens of KV per member"
     )
     print(
-        f"{'KV/inst':>8} {'trace':<14} {'load':>5} {'reqs':>6} | {'mode':<9} {'TTFT p50':>9} "
-        f"{'TTFT p99':>9} {'SLO met':>7} {'out tok/s':>9} {'preempt':>7} {'groups':>6} | {'p99 cut':>7}"
+        f"{'KV/inst':>8} {'trace':<14} {'load':>5} {'reqs':>6} | {'mode':<12} {'TTFT p50':>9} "
+        f"{'TTFT p99':>9} {'SLO met':>7} {'out tok/s':>9} {'preempt':>7} {'groups':>6} {'migr':>5} | "
+        f"{'p99 cut':>7}"
     )
     for cal, name, load in cases:
         trace = capped(
             shape(load_trace(name), start_s=args.start, duration_s=args.duration, load_scale=load),
             args.max_model_len,
         )
-        rows = {}
-        for mode, ks in (("plain", None), ("kunserve", KunServeConfig())):
-            res = run(trace, cal, args.instances, ks)
-            rows[mode] = res
+        rows = {mode: run(trace, cal, args.instances, ks, mig) for mode, ks, mig in MODES}
         p99 = {m: float(np.percentile(r.ttft, 99)) for m, r in rows.items()}
         for mode, res in rows.items():
-            cut = f"{p99['plain'] / p99['kunserve']:.1f}x" if mode == "kunserve" else ""
+            cut = f"{p99['plain'] / p99[mode]:.1f}x" if mode != "plain" else ""
             print(
-                f"{cal.kv_capacity_tokens:>8,} {name:<14} {load:>5g} {len(trace):>6} | {mode:<9} "
+                f"{cal.kv_capacity_tokens:>8,} {name:<14} {load:>5g} {len(trace):>6} | {mode:<12} "
                 f"{np.percentile(res.ttft, 50):>8.2f}s {p99[mode]:>8.2f}s {res.interactive_attainment:>7.1%} "
                 f"{trace.output_tokens.sum() / res.duration_s:>9.0f} {res.preemptions:>7} "
-                f"{res.groups_formed:>3}/{res.groups_split:<2} | {cut:>7}"
+                f"{res.groups_formed:>3}/{res.groups_split:<2} {res.migrations:>5} | {cut:>7}"
             )
     return 0
 

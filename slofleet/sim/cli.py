@@ -3,6 +3,9 @@
     slofleet simulate --trace azure-conv --policy all --peak-instances 50 \
         --batch-jobs 4 --batch-requests 20000 --batch-deadline 3600 --out sim-out/
 
+`--migration` adds Llumnix's live migration (the rescheduler's policy at every control tick, and
+drain by migration before a scale-in) to every policy's run.
+
 `--calibrate-cpu URL` instead measures a running vLLM server (the local CPU engine) and writes a
 calibration JSON that `--calibration FILE` then uses.
 """
@@ -13,6 +16,8 @@ import argparse
 import json
 import sys
 from pathlib import Path
+
+from slofleet.policies.migration import MigrationConfig, Strategy
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -76,6 +81,17 @@ def configure(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="simulate KunServe's parameter drop: instances out of KV memory form pipeline groups "
         "(needs a calibration with layer_weight_bytes, kv_bytes_per_token and num_layers)",
+    )
+    parser.add_argument(
+        "--migration",
+        action="store_true",
+        help="simulate Llumnix live migration: rebalancing at every control tick, drain by migration",
+    )
+    parser.add_argument(
+        "--migration-strategy",
+        choices=[s.value for s in Strategy],
+        default=Strategy.SHORTEST.value,
+        help="which running request a source gives up (with --migration)",
     )
     parser.add_argument("--out", type=Path, default=None, help="write results.json and PNG plots here")
     parser.add_argument(
@@ -144,12 +160,14 @@ def run(args: argparse.Namespace) -> int:
         static_replicas=args.static_replicas, max_replicas=args.max_replicas,
         hpa_metric=args.hpa_metric, hpa_target=args.hpa_target, keda_target=args.keda_target,
         kunserve=KunServeConfig() if args.kunserve else None,
+        migration=MigrationConfig(strategy=Strategy(args.migration_strategy)) if args.migration else None,
     )  # fmt: skip
     print(
         f"trace {raw.name}: {len(trace)} interactive requests over {trace.duration_s / 60:.1f} min "
         f"(load x{load_scale:.2f}, time x{args.time_scale}); batch: {len(jobs)} jobs x "
         f"{args.batch_requests} requests, deadline {args.batch_deadline:.0f} s; calibration {cal.name}; "
-        f"SLO TTFT {slo.ttft_s} s, ITL {slo.itl_s * 1e3:.0f} ms",
+        f"SLO TTFT {slo.ttft_s} s, ITL {slo.itl_s * 1e3:.0f} ms"
+        + (f"; live migration ({args.migration_strategy})" if args.migration else ""),
         flush=True,
     )
     peak, results = experiment.run(exp, names, progress=lambda m: print(m, flush=True))

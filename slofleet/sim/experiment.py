@@ -29,6 +29,7 @@ from slofleet.policies.global_autoscaler import (
     PoolBounds,
 )
 from slofleet.policies.local_autoscaler import LocalAutoscalerConfig
+from slofleet.policies.migration import MigrationConfig
 from slofleet.sim.kunserve import KunServeConfig
 from slofleet.sim.simulator import SimConfig, SimResult, Simulator, SloSpec
 from slofleet.sim.sizing import PeakEstimate, instance_capacity, peak_instances
@@ -58,6 +59,8 @@ class Experiment:
     local_window_s: float = 5.0
     # KunServe's parameter drop and pipeline mode for every policy (None: off)
     kunserve: KunServeConfig | None = None
+    # Llumnix's live migration for every policy (None: off)
+    migration: MigrationConfig | None = None
 
 
 def size(exp: Experiment) -> PeakEstimate:
@@ -131,6 +134,7 @@ def run(
             local_autoscaler=exp.local_autoscaler,
             local_window_s=exp.local_window_s,
             kunserve=exp.kunserve,
+            migration=exp.migration,
         )
         t0 = time.perf_counter()
         result = Simulator(exp.trace, exp.jobs, policy, cfg).run()

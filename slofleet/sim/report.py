@@ -1,7 +1,9 @@
 """Comparison table and plots of simulation results.
 
 The table is what `slofleet simulate` prints: one row per policy, with the GPU-hours ratio to the
-static-peak row measured in the same run (the reference every claim is made against).
+static-peak row measured in the same run (the reference every claim is made against). Migrations
+are counted as completed (`migr`) and as planned but not completed (`m.fail`: aborted or not
+startable; results.json splits them by outcome and the completed ones by reason).
 """
 
 from __future__ import annotations
@@ -38,6 +40,9 @@ def rows(results: Sequence[SimResult]) -> list[dict[str, object]]:
                 "peak_replicas": r.peak_replicas,
                 "scale_events": len(r.scale_events),
                 "migrations": r.migrations,
+                "migrations_aborted": sum(r.migrations_by_outcome.values()) - r.migrations,
+                "migrations_by_outcome": dict(r.migrations_by_outcome),
+                "migrations_by_reason": dict(r.migrations_by_reason),
                 "batch_evictions": r.evictions,
                 "engine_preemptions": r.preemptions,
                 "pipeline_groups": r.groups_formed,
@@ -50,7 +55,7 @@ def rows(results: Sequence[SimResult]) -> list[dict[str, object]]:
 def table(results: Sequence[SimResult]) -> str:
     header = (
         f"{'policy':<18} {'int.SLO':>8} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} {'ITL p99':>8} "
-        f"{'batch ok':>8} {'GPU-h':>8} {'vs static':>9} {'peak':>5} {'scale':>6} {'migr':>5} "
+        f"{'batch ok':>8} {'GPU-h':>8} {'vs static':>9} {'peak':>5} {'scale':>6} {'migr':>5} {'m.fail':>6} "
         f"{'evict':>6} {'preempt':>7} {'groups':>6} {'wall':>6}"
     )
     lines = [header, "-" * len(header)]
@@ -60,8 +65,8 @@ def table(results: Sequence[SimResult]) -> str:
             f"{row['ttft_p99_s']:>8.3f}s {row['itl_p50_ms']:>6.1f}ms {row['itl_p99_ms']:>6.1f}ms "
             f"{row['batch_on_time']:>8.2%} {row['gpu_hours']:>8.1f} {row['gpu_hours_vs_static']:>9.2f} "
             f"{row['peak_replicas']:>5} {row['scale_events']:>6} {row['migrations']:>5} "
-            f"{row['batch_evictions']:>6} {row['engine_preemptions']:>7} {row['pipeline_groups']:>6} "
-            f"{row['wall_s']:>5.0f}s"
+            f"{row['migrations_aborted']:>6} {row['batch_evictions']:>6} {row['engine_preemptions']:>7} "
+            f"{row['pipeline_groups']:>6} {row['wall_s']:>5.0f}s"
         )
     return "\n".join(lines)
 

@@ -19,6 +19,14 @@ autoscaler every `control_interval_s`, cold starts from the calibration, and dra
 (batch work is pushed back to the queue with its generated tokens, as the gateway's resume path
 does; queued interactive work is re-dispatched).
 
+Live migration (Llumnix, `SimConfig.migration`): the rescheduler's policy runs at every *control*
+tick, because that is where the runtime runs it (the control loop's step, operator and `slofleet
+up` alike, plans with `plan_migrations` on the sidecars' Load before it applies a scale decision);
+a scale-in victim is drained by migrating its running requests out at once, as the loop's drain
+does, and leaves the fleet when empty. Each migration is enacted with `slofleet.sim.migration`'s
+costs: the destination reserves the request's KV while it keeps decoding on the source, then the
+request pauses for the downtime and resumes there with its context.
+
 Every policy decision goes through the same pure functions the runtimes call; the simulator only
 builds their inputs (`InstanceLoad`, `FleetObservation`, `LocalObservation`) from its state.
 """
@@ -28,7 +36,7 @@ from __future__ import annotations
 import heapq
 import math
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -46,6 +54,7 @@ from slofleet.policies.local_autoscaler import (
 )
 from slofleet.policies.memory_planner import MemberView, PlannerState
 from slofleet.policies.memory_planner import plan as plan_memory
+from slofleet.policies.migration import Migration, MigrationConfig, Reason, plan_migrations
 from slofleet.policies.preemption import choose_preemption_instance, select_batch_evictions
 from slofleet.sim.dispatch_index import FreenessIndex
 from slofleet.sim.kunserve import (
@@ -55,6 +64,7 @@ from slofleet.sim.kunserve import (
     member_calibration,
     restore_seconds,
 )
+from slofleet.sim.migration import MigrationCosts, Outcome
 from slofleet.sim.traces import Trace
 from slofleet.sim.workload import BatchJob
 
@@ -64,8 +74,9 @@ DispatchFn = Callable[[Sequence[InstanceLoad], RequestInfo], str | None]
 _EPS = 1e-6
 INTERACTIVE, BATCH = 0, 1
 # Event kinds: an engine event, an instance ready after its cold start, a member entering or
-# leaving a pipeline group (its `version` field carries the new group size).
-ENGINE, READY, REGROUP = 0, 1, 2
+# leaving a pipeline group (its `version` field carries the new group size), a migration's cut-over
+# and its resume on the destination (their `idx` is the request id, `version` the migration's).
+ENGINE, READY, REGROUP, CUTOVER, RESUME = 0, 1, 2, 3, 4
 _DISPATCH_PARAMS = dispatch_policy.DispatchParams()
 
 
@@ -113,6 +124,10 @@ class SimConfig:
     # KunServe's parameter drop and pipeline mode (`slofleet.sim.kunserve`): the memory planner
     # runs at every local tick over the instances' engine queues. None: off.
     kunserve: KunServeConfig | None = None
+    # Llumnix live migration: the rescheduler's policy at every control tick, and drain by
+    # migration before a scale-in. None: off (a victim's work is evicted or finishes in place).
+    migration: MigrationConfig | None = None
+    migration_costs: MigrationCosts = field(default_factory=MigrationCosts)
 
 
 class Req:
@@ -140,14 +155,16 @@ class Req:
         self.finish_step = 0.0
         self.evictions = 0
 
-    def info(self) -> RequestInfo:
+    def info(self, generated: int | None = None) -> RequestInfo:
+        """As the gateway reports it; `generated`: output tokens so far, when known better than
+        `done` (which a running request updates only when it stops)."""
         return RequestInfo(
             request_id=str(self.rid),
             request_class=RequestClass.BATCH if self.cls == BATCH else RequestClass.INTERACTIVE,
             priority=self.cls,
             prompt_tokens=self.prompt,
             max_tokens=self.output,
-            generated_tokens=self.done,
+            generated_tokens=self.done if generated is None else generated,
         )
 
 
@@ -173,6 +190,8 @@ class Inst:
         self.pf: Req | None = None
         self.pf_left = 0.0
         self.pf_ctx = 0
+        # KV tokens held for requests migrating in (reserved at the copy's start)
+        self.reserved = 0
         self.run: dict[int, Req] = {}
         self.heap: list[tuple[float, int]] = []
         self.steps = 0.0
@@ -216,7 +235,7 @@ class Inst:
 
     # ---- state -------------------------------------------------------------------------------
     def kv_used(self) -> float:
-        return self.sum_ctx0 + len(self.run) * self.steps - self.sum_s0 + self.pf_ctx
+        return self.sum_ctx0 + len(self.run) * self.steps - self.sum_s0 + self.pf_ctx + self.reserved
 
     def load(self) -> InstanceLoad:
         """This instance as the sidecar would report it (cached until the state changes)."""
@@ -249,21 +268,35 @@ class Inst:
             )
         return self.snapshot
 
-    def full_load(self) -> InstanceLoad:
+    def full_load(self, with_requests: bool = False) -> InstanceLoad:
         """`load()` with Llumnix freeness over the requests here (the head of the engine queue
         counts), as the sidecar reports it to the control loop; built only at control ticks
-        because it walks every request."""
+        because it walks every request.
+
+        `with_requests`: also list the requests, with the tokens the running ones generated so far
+        (the rescheduler chooses among them and sizes their copy). Without it the autoscalers' view
+        stays as it always was: running requests carry the tokens they had when they started."""
         base = self.load()
         ordered = [*self.run.values(), *([self.pf] if self.pf is not None else []), *self.eq_i, *self.eq_b]
+        if with_requests:
+            infos = [r.info(self.generated(r)) for r in ordered]
+        else:
+            infos = [r.info() for r in ordered]
         fr = compute_freeness(
             total_blocks=base.kv_total_blocks,
             used_blocks=base.kv_total_blocks - base.kv_free_blocks,
             running_requests=base.running_requests,
             block_size_tokens=base.block_size_tokens,
-            requests=[r.info() for r in ordered],
+            requests=infos,
             draining=self.draining,
         ).freeness
-        return replace(base, freeness=fr)
+        return replace(base, freeness=fr, requests=tuple(infos) if with_requests else ())
+
+    def generated(self, r: Req) -> int:
+        """Output tokens `r` holds now (whole iterations only: a partial one is lost on a move)."""
+        if self.run.get(r.rid) is r:
+            return min(r.output - 1, r.done + int(self.steps - r.s0))
+        return r.done
 
     # ---- time ------------------------------------------------------------------------------
     def advance(self, t: float) -> None:
@@ -318,7 +351,7 @@ class Inst:
         if heap:
             best = min(best, heap[0][0] - steps)
         if n:
-            best = min(best, (cal.kv_capacity_tokens - (ctx + self.pf_ctx)) / n)
+            best = min(best, (cal.kv_capacity_tokens - (ctx + self.pf_ctx + self.reserved)) / n)
         if best < math.inf:
             sim = self.sim
             sim.seq += 1
@@ -445,6 +478,18 @@ class Inst:
         return out
 
 
+@dataclass(slots=True)
+class _Move:
+    """One migration in progress (`tokens`: KV the destination holds for it)."""
+
+    mid: int
+    req: Req
+    src: Inst
+    dst: Inst
+    reason: Reason
+    tokens: int
+
+
 @dataclass
 class SimResult:
     policy: str
@@ -467,6 +512,10 @@ class SimResult:
     wall_s: float = 0.0
     groups_formed: int = 0  # KunServe pipeline groups formed (drops) and split (restores)
     groups_split: int = 0
+    # Planned migrations by how they ended (`sim.migration.Outcome`), and the completed ones (the
+    # `migrations` count) by the policy's reason.
+    migrations_by_outcome: dict[str, int] = field(default_factory=dict)
+    migrations_by_reason: dict[str, int] = field(default_factory=dict)
 
     @property
     def interactive_attainment(self) -> float:
@@ -521,6 +570,10 @@ class Simulator:
         self.scale_events: list[tuple[float, str, int, int, str]] = []
         self.evictions = 0
         self.migrations = 0
+        self.migrations_by_outcome: dict[str, int] = {}
+        self.migrations_by_reason: dict[str, int] = {}
+        # migrations in progress, by request id
+        self.moves: dict[int, _Move] = {}
         self.groups_formed = 0
         self.groups_split = 0
         self.planner_state = PlannerState()
@@ -588,7 +641,7 @@ class Simulator:
             n = i.in_flight
             slot = i.idx
             if i.ready and not i.draining and i.stop_t < 0 and i.pool in pools and n < i.limit - reserve:
-                kv = i.sum_ctx0 + len(i.run) * i.steps - i.sum_s0 + i.pf_ctx
+                kv = i.sum_ctx0 + len(i.run) * i.steps - i.sum_s0 + i.pf_ctx + i.reserved
                 total = i.cal.kv_capacity_tokens // bs  # a pipeline member's is larger
                 free = total - max(min(total, math.ceil(kv / bs)), 0)
                 if live.get(slot) != (free, i.iid, n):
@@ -713,6 +766,8 @@ class Simulator:
                 self.giq.append(r)
 
     def complete(self, r: Req, inst: Inst, t: float) -> None:
+        if self.moves and r.rid in self.moves:
+            self._end_move(self.moves[r.rid], Outcome.ABORTED_FINISHED, t)
         inst.in_flight -= 1
         if r.cls == BATCH:
             inst.n_batch -= 1
@@ -886,6 +941,8 @@ class Simulator:
     def control_tick(self, t: float) -> None:
         decision = self.policy.decide(self.observe(t))
         self.apply(decision, t)
+        if self.cfg.migration is not None:
+            self.migrate(t)
 
     def apply(self, d: ScaleDecision, t: float) -> None:
         cur = self.replicas()
@@ -923,13 +980,156 @@ class Simulator:
             self.release(t)
 
     def drain(self, inst: Inst, t: float) -> None:
+        """Take `inst` out of dispatch and stop it once empty. Queued work goes back to the
+        gateway; without migration running batch work does too (it resumes elsewhere with a
+        re-prefill) and running interactive work finishes here; with migration every running
+        request is moved out now where a destination has room, and the rest of it by later
+        rounds (a draining instance is every round's first source)."""
         inst.draining = True
         inst.touch()
+        migrating = self.cfg.migration is not None
         for q in inst.requests():
-            if q.cls == BATCH or q in inst.eq_i:
+            if q in inst.eq_i or (q in inst.eq_b if migrating else q.cls == BATCH):
                 self._evict(q, inst, t)
         if inst.in_flight == 0:
             self.stop(inst, t)
+        elif migrating:
+            self.migrate(t, victims=(inst,))
+
+    # ---- live migration ----------------------------------------------------------------------
+    def migrate(self, t: float, victims: Collection[Inst] = ()) -> None:
+        """One rescheduling round on the instances' Load (`Inst.full_load`, the control loop's
+        view), through the policy the runtime calls. A round keeps at most `max_concurrent`
+        migrations in flight, as the control loop does; a drain (`victims`) plans every running
+        request of the victims at once, each to a destination with room, as the loop's drain does
+        (the other instances are destinations only)."""
+        cfg = self.cfg.migration
+        assert cfg is not None
+        ready = [i for i in self.live if i.ready]
+        for i in ready:
+            i.advance(t)
+        loads = [i.full_load(with_requests=True) for i in ready]
+        moving = {str(rid) for rid in self.moves}
+        if victims:
+            ids = {v.iid for v in victims}
+            loads = [ld if ld.instance_id in ids else replace(ld, requests=()) for ld in loads]
+            running = sum(ld.running_requests for ld in loads if ld.instance_id in ids)
+            plan = [
+                m
+                for m in plan_migrations(loads, replace(cfg, max_migrations=max(1, running)), moving)
+                if m.reason is Reason.DRAIN
+            ]
+        else:
+            room = max(0, self.cfg.migration_costs.max_concurrent - len(self.moves))
+            plan = plan_migrations(loads, cfg, moving)[:room] if room else []
+        if not plan:
+            return
+        by_id = {i.iid: i for i in ready}
+        for m in plan:
+            self._start_move(m, by_id[m.source], by_id[m.destination], t)
+
+    def _count(self, outcome: Outcome) -> None:
+        self.migrations_by_outcome[outcome.value] = self.migrations_by_outcome.get(outcome.value, 0) + 1
+
+    def _start_move(self, m: Migration, src: Inst, dst: Inst, t: float) -> None:
+        """The copy begins: the destination reserves the request's KV; it decodes on meanwhile."""
+        r = src.run.get(int(m.request_id))
+        if r is None:
+            self._count(Outcome.NOT_RUNNING)
+            return
+        tokens = r.prompt + src.generated(r)
+        dst.advance(t)
+        dst.reserved += tokens
+        dst.plan()
+        self.seq += 1
+        mv = _Move(self.seq, r, src, dst, m.reason, tokens)
+        self.moves[r.rid] = mv
+        copy_s = self.cfg.migration_costs.copy_seconds(src.cal, tokens)
+        self.push(t + copy_s, CUTOVER, r.rid, mv.mid)
+
+    def _end_move(self, mv: _Move, outcome: Outcome, t: float) -> None:
+        """An aborted migration: the destination's reservation is released. (Queued work sees
+        the room at the next change: this may run inside the source's own event, which must not
+        be re-entered by a dispatch.)"""
+        del self.moves[mv.req.rid]
+        self._count(outcome)
+        dst = mv.dst
+        if dst.stop_t >= 0:
+            return
+        dst.advance(t)
+        dst.reserved -= mv.tokens
+        dst.plan()
+
+    def migration_event(self, kind: int, rid: int, mid: int, t: float) -> None:
+        mv = self.moves.get(rid)
+        if mv is None or mv.mid != mid:
+            return
+        if kind == CUTOVER:
+            self._cutover(mv, t)
+        else:
+            self._resume(mv, t)
+
+    def _cutover(self, mv: _Move, t: float) -> None:
+        """The copy ended: the request leaves the source and pauses for the downtime, holding
+        its KV on the destination, unless it left the source or no longer fits there."""
+        r, src, dst = mv.req, mv.src, mv.dst
+        src.advance(t)
+        if src.run.get(r.rid) is not r:
+            self._end_move(mv, Outcome.ABORTED_PREEMPTED, t)
+            return
+        if r.finish_step <= src.steps + _EPS:
+            # Its last token is due now (the source's event at this instant completes it).
+            self._end_move(mv, Outcome.ABORTED_FINISHED, t)
+            return
+        done = src.generated(r)
+        need = r.prompt + done
+        if dst.stop_t < 0:
+            dst.advance(t)
+        fits = (
+            dst.stop_t < 0
+            and dst.ready
+            and not dst.draining
+            and len(dst.run) < dst.cal.max_num_seqs
+            and dst.kv_used() - mv.tokens + need <= dst.cal.kv_capacity_tokens
+        )
+        if not fits:
+            self._end_move(mv, Outcome.ABORTED_NO_ROOM, t)
+            return
+        src._remove_running(r)
+        src.in_flight -= 1
+        if r.cls == BATCH:
+            src.n_batch -= 1
+            dst.n_batch += 1
+        r.done = done
+        r.inst = dst
+        dst.in_flight += 1
+        dst.reserved += need - mv.tokens
+        mv.tokens = need
+        src.try_start()
+        src.plan()
+        self.after_change(src, t)
+        dst.plan()
+        self.push(t + self.cfg.migration_costs.downtime_s, RESUME, r.rid, mv.mid)
+
+    def _resume(self, mv: _Move, t: float) -> None:
+        """The downtime ended: the request decodes on the destination from its context (its
+        reservation becomes its KV, no re-prefill)."""
+        del self.moves[mv.req.rid]
+        r, dst = mv.req, mv.dst
+        dst.advance(t)
+        dst.reserved -= mv.tokens
+        r.s0 = dst.steps
+        r.ctx0 = r.prompt + r.done
+        r.finish_step = dst.steps + (r.output - r.done)
+        dst.run[r.rid] = r
+        dst.sum_ctx0 += r.ctx0
+        dst.sum_s0 += r.s0
+        heapq.heappush(dst.heap, (r.finish_step, r.rid))
+        dst.plan()
+        self.migrations += 1
+        self._count(Outcome.MIGRATED)
+        key = mv.reason.value
+        self.migrations_by_reason[key] = self.migrations_by_reason.get(key, 0) + 1
 
     def sample(self, t: float) -> None:
         s = self.samples
@@ -1004,6 +1204,9 @@ class Simulator:
             if t_ev <= t_arr and t_ev <= t_job:
                 t = t_ev
                 _, _, kind, idx, version = heappop(events)
+                if kind >= CUTOVER:
+                    self.migration_event(kind, idx, version, t)
+                    continue
                 inst = instances[idx]
                 if inst.stop_t >= 0:
                     continue
@@ -1061,6 +1264,8 @@ class Simulator:
             mean_e2e_s=self.e2e_sum / self.int_total if self.int_total else 0.0,
             groups_formed=self.groups_formed,
             groups_split=self.groups_split,
+            migrations_by_outcome=dict(sorted(self.migrations_by_outcome.items())),
+            migrations_by_reason=dict(sorted(self.migrations_by_reason.items())),
         )
 
 
