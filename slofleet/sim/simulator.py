@@ -292,6 +292,16 @@ class Inst:
         ).freeness
         return replace(base, freeness=fr, requests=tuple(infos) if with_requests else ())
 
+    def start_decoding(self, r: Req) -> None:
+        """`r` joins the decode batch with its context (`prompt + done` tokens of KV here)."""
+        r.s0 = self.steps
+        r.ctx0 = r.prompt + r.done
+        r.finish_step = self.steps + (r.output - r.done)
+        self.run[r.rid] = r
+        self.sum_ctx0 += r.ctx0
+        self.sum_s0 += r.s0
+        heapq.heappush(self.heap, (r.finish_step, r.rid))
+
     def generated(self, r: Req) -> int:
         """Output tokens `r` holds now (whole iterations only: a partial one is lost on a move)."""
         if self.run.get(r.rid) is r:
@@ -375,13 +385,7 @@ class Inst:
             if r.done >= r.output:
                 sim.complete(r, self, t)
             else:
-                r.s0 = self.steps
-                r.ctx0 = r.prompt + r.done
-                r.finish_step = self.steps + (r.output - r.done)
-                self.run[r.rid] = r
-                self.sum_ctx0 += r.ctx0
-                self.sum_s0 += r.s0
-                heapq.heappush(self.heap, (r.finish_step, r.rid))
+                self.start_decoding(r)
         heap, run = self.heap, self.run
         limit = self.steps + _EPS
         while heap and heap[0][0] <= limit:
@@ -1118,13 +1122,7 @@ class Simulator:
         r, dst = mv.req, mv.dst
         dst.advance(t)
         dst.reserved -= mv.tokens
-        r.s0 = dst.steps
-        r.ctx0 = r.prompt + r.done
-        r.finish_step = dst.steps + (r.output - r.done)
-        dst.run[r.rid] = r
-        dst.sum_ctx0 += r.ctx0
-        dst.sum_s0 += r.s0
-        heapq.heappush(dst.heap, (r.finish_step, r.rid))
+        dst.start_decoding(r)
         dst.plan()
         self.migrations += 1
         self._count(Outcome.MIGRATED)
