@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import dataclasses
 import json
+import math
 import os
 import signal
 import sys
@@ -26,7 +27,9 @@ import tempfile
 import time
 from pathlib import Path
 
+import aiohttp
 import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
 
 from slofleet.calibration import EngineCalibration, load_calibration
 from slofleet.instance import Pool, RequestClass
@@ -56,6 +59,13 @@ SPEC = {
 }
 STARTUP_LIMIT_SECONDS = 900.0
 SLO = SloTargets(ttft_seconds=1.0, itl_seconds=0.1, batch_deadline_seconds=3600)
+# vLLM's per-request histograms (seconds): where a request's time to first token goes inside the
+# engine. What the gateway and the API server add is the fleet's TTFT minus the engine's.
+ENGINE_HISTOGRAMS = {
+    "vllm:time_to_first_token_seconds": "engine TTFT",
+    "vllm:request_queue_time_seconds": "engine queue",
+    "vllm:request_prefill_time_seconds": "prefill",
+}
 
 
 async def wait_ready(state_file: Path, t0: float) -> str:
@@ -71,6 +81,54 @@ async def wait_ready(state_file: Path, t0: float) -> str:
             return url
         await asyncio.sleep(1.0)
     raise TimeoutError(f"{REPLICAS} instances not ready within {STARTUP_LIMIT_SECONDS:g} s")
+
+
+Histograms = dict[str, tuple[float, float, list[tuple[float, float]]]]
+
+
+async def engine_histograms(state_file: Path) -> Histograms:
+    """Every instance's ENGINE_HISTOGRAMS summed over the fleet: name -> (sum, count, cumulative
+    buckets as (upper bound, count))."""
+    state = json.loads(await asyncio.to_thread(state_file.read_text))
+    out: Histograms = {}
+    async with aiohttp.ClientSession() as session:
+        for inst in state.get("instances", []):
+            async with session.get(inst["engine_url"] + "/metrics") as resp:
+                text = await resp.text()
+            for family in text_string_to_metric_families(text):
+                if family.name not in ENGINE_HISTOGRAMS:
+                    continue
+                total, count, buckets = out.get(family.name, (0.0, 0.0, []))
+                merged = dict(buckets)
+                for sample in family.samples:
+                    if sample.name.endswith("_sum"):
+                        total += sample.value
+                    elif sample.name.endswith("_count"):
+                        count += sample.value
+                    elif sample.name.endswith("_bucket"):
+                        le = float(sample.labels["le"])
+                        merged[le] = merged.get(le, 0.0) + sample.value
+                out[family.name] = (total, count, sorted(merged.items()))
+    return out
+
+
+def breakdown(before: Histograms, after: Histograms) -> dict[str, tuple[float, float, float]]:
+    """Per histogram over the replay alone (after - before): mean, p50 and p99 upper bounds (the
+    first bucket bound that holds the quantile)."""
+    rows = {}
+    for name, (total, count, buckets) in after.items():
+        t0, c0, b0 = before.get(name, (0.0, 0.0, []))
+        n = count - c0
+        if n <= 0:
+            continue
+        base = dict(b0)
+        cum = [(le, c - base.get(le, 0.0)) for le, c in buckets]
+
+        def quantile(q: float, cum: list[tuple[float, float]] = cum, n: float = n) -> float:
+            return next((le for le, c in cum if c >= q * n), math.inf)
+
+        rows[name] = ((total - t0) / n, quantile(0.5), quantile(0.99))
+    return rows
 
 
 async def run_real(arrivals: list, workdir: Path) -> dict[str, float]:
@@ -103,16 +161,20 @@ async def run_real(arrivals: list, workdir: Path) -> dict[str, float]:
         probes = [Arrival(0.5 * k, 16, 1) for k in range(PROBES)]
         probe_ttfts = [o.ttft_seconds for o in await replay(url, "validate", probes, (16, 512)) if o.ok]
         path_s = float(np.median([x for x in probe_ttfts if x is not None]))
+        before = await engine_histograms(state / "state.json")
         sampler = asyncio.create_task(sample())
         outcomes = await replay(url, "validate", arrivals, (16, 512))
         stop.set()
         await sampler
+        inside = breakdown(before, await engine_histograms(state / "state.json"))
         row = summarise(outcomes, SLO)[0]
         # finished_at counts from the replay's start, when the first arrival is due
         span = max((o.finished_at for o in outcomes if o.ok), default=float("nan"))
         return {"requests": row.sent, "completed": row.completed, "ttft_p50": row.ttft_p50,
                 "ttft_p99": row.ttft_p99, "tok_s": row.output_tokens / span,
-                "replicas": float(np.mean(ready)) if ready else float("nan"), "path_s": path_s}  # fmt: skip
+                "replicas": float(np.mean(ready)) if ready else float("nan"), "path_s": path_s,
+                "ttft_mean": float(np.mean([o.ttft_seconds for o in outcomes if o.ttft_seconds is not None])),
+                "engine": inside}  # fmt: skip
     finally:
         up.kill_group(signal.SIGINT)
         await up.stop(grace_seconds=120)
@@ -137,7 +199,8 @@ def run_sim(arrivals: list, calibration: EngineCalibration) -> dict[str, float]:
     tokens = int(trace.output_tokens.sum()) if done == len(trace) else float("nan")
     return {"requests": len(trace), "completed": done,
             "ttft_p50": float(np.percentile(res.ttft, 50)), "ttft_p99": float(np.percentile(res.ttft, 99)),
-            "tok_s": tokens / res.duration_s, "replicas": float(np.mean(res.samples["ready"]))}  # fmt: skip
+            "tok_s": tokens / res.duration_s, "replicas": float(np.mean(res.samples["ready"])),
+            "ttft_mean": float(np.mean(res.ttft))}  # fmt: skip
 
 
 def main() -> None:
@@ -174,6 +237,15 @@ def main() -> None:
         ratio = b / a if a else float("nan")
         ok = "yes" if abs(ratio - 1.0) <= 0.2 else "NO"
         print(f"{label:<14} {a:>12.4f} {bare[key]:>11.4f} {b:>10.4f} {ratio:>9.2f} {ok:>11}")
+    print(f"\nwhere the fleet's TTFT goes (vLLM's histograms over the replay; p50/p99: bucket bounds); "
+          f"fleet TTFT mean {real['ttft_mean']:.4f} s, sim+path mean {sim['ttft_mean']:.4f} s")  # fmt: skip
+    for name, label in ENGINE_HISTOGRAMS.items():
+        if name in real["engine"]:
+            mean, p50, p99 = real["engine"][name]
+            print(f"  {label:<14} mean {mean:.4f} s  p50 <= {p50:g} s  p99 <= {p99:g} s")
+    if "vllm:time_to_first_token_seconds" in real["engine"]:
+        outside = real["ttft_mean"] - real["engine"]["vllm:time_to_first_token_seconds"][0]
+        print(f"  {'gateway + API':<14} mean {outside:.4f} s (fleet TTFT mean - engine TTFT mean)")
 
 
 if __name__ == "__main__":
