@@ -28,14 +28,10 @@ Counters (`slofleet_kv_*` in the control socket's `stats`) and vLLM's own
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 import re
-import socketserver
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -49,6 +45,7 @@ from vllm.logger import init_logger
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from slofleet.sidecar.migration import segment as seg
+from slofleet.sidecar.vllm_ext.control_socket import ControlSocket
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -166,11 +163,13 @@ class SlofleetMigrationConnector(KVConnectorBase_V1):
         self._kv_caches: dict[str, torch.Tensor] = {}
         self._done: dict[int, str | None] = {}
         self._pending_final: set[str] = set()
-        self._server: socketserver.UnixStreamServer | None = None
+        self._server: ControlSocket | None = None
         if role == KVConnectorRole.SCHEDULER:
             path = self._kv_transfer_config.get_from_extra_config("control_socket", None)
             if path:
-                self._server = _serve(self, str(path))
+                self._server = ControlSocket(
+                    str(path), self.control, error_reply=_error_reply, name="slofleet-kv-control"
+                )
 
     # ---------------- worker side ----------------
 
@@ -509,9 +508,7 @@ class SlofleetMigrationConnector(KVConnectorBase_V1):
 
     def shutdown(self) -> None:
         if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            Path(self._server.server_address).unlink(missing_ok=True)  # type: ignore[arg-type]
+            self._server.close()
 
 
 def _layout_from_config(kv_cache_config: KVCacheConfig, block_size: int) -> seg.KVLayout:
@@ -530,33 +527,5 @@ def _layout_from_config(kv_cache_config: KVCacheConfig, block_size: int) -> seg.
     return seg.KVLayout(block_size, str(dtype), tuple(groups[0].layer_names), shape, nbytes)
 
 
-class _Handler(socketserver.StreamRequestHandler):
-    server: _ControlServer
-
-    def handle(self) -> None:
-        for line in self.rfile:
-            try:
-                reply = self.server.connector.control(json.loads(line))
-            except Exception as e:
-                logger.exception("control command failed")
-                reply = {"error": f"{type(e).__name__}: {e}", "state": "error"}
-            self.wfile.write(json.dumps(reply).encode() + b"\n")
-            self.wfile.flush()
-
-
-class _ControlServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
-    daemon_threads = True
-    connector: SlofleetMigrationConnector
-
-
-def _serve(connector: SlofleetMigrationConnector, path: str) -> _ControlServer:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).unlink(missing_ok=True)
-    server = _ControlServer(path, _Handler)
-    server.connector = connector
-    # Owner and group: the sidecar container may run as another user that shares the pod's volume
-    # group (fsGroup); nobody else on the host.
-    os.chmod(path, 0o660)
-    threading.Thread(target=server.serve_forever, name="slofleet-kv-control", daemon=True).start()
-    logger.info("slofleet KV connector control socket at %s", path)
-    return server
+def _error_reply(error: Exception) -> dict[str, Any]:
+    return {"error": f"{type(error).__name__}: {error}", "state": "error"}
