@@ -26,9 +26,12 @@ from __future__ import annotations
 
 import copy
 import time
+from functools import partial
 from typing import Any
 
 import torch
+
+from slofleet.sidecar.vllm_ext.internals import require
 
 # The protocol of the dict `slofleet_grow_kv` returns; the sidecar checks it.
 KV_RESIZE_PROTOCOL = 1
@@ -38,13 +41,7 @@ class KvResizeError(RuntimeError):
     """A refused or failed resize; the message names the argument or vLLM internal at fault."""
 
 
-def _require(obj: Any, attr: str, where: str) -> Any:
-    if not hasattr(obj, attr):
-        raise KvResizeError(
-            f"vLLM internal {where}.{attr} is missing (vLLM changed; slofleet's KV resize was written "
-            "against vllm 0.32)"
-        )
-    return getattr(obj, attr)
+_require = partial(require, error=KvResizeError, feature="KV resize")
 
 
 def scaled_kv_cache_config(config: Any, new_blocks: int, layout: Any) -> Any:

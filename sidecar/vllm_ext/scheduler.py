@@ -34,20 +34,21 @@ On CPU vLLM always disables async scheduling, so the plain Scheduler is what vLL
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
-import socketserver
 import threading
 import time
-from pathlib import Path
+from functools import partial
 from typing import Any
 
 from vllm.logger import init_logger
-from vllm.v1.core.kv_cache_utils import KVCacheBlock
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.interface import PauseState
 from vllm.v1.core.sched.scheduler import Scheduler
+
+from slofleet.sidecar.vllm_ext.block_pool import GrowError, grow_block_pool
+from slofleet.sidecar.vllm_ext.control_socket import ControlSocket
+from slofleet.sidecar.vllm_ext.internals import require
+from slofleet.sidecar.vllm_ext.pipeline_scheduler import PipelineSchedulerMixin
 
 logger = init_logger(__name__)
 
@@ -55,36 +56,7 @@ SOCKET_ENV = "SLOFLEET_SCHEDULER_SOCKET"
 SCHEDULER_PROTOCOL = 1
 
 
-class GrowError(RuntimeError):
-    """A refused grow; the message is what the socket's `error` says."""
-
-
-def _require(obj: Any, attr: str, where: str) -> Any:
-    if not hasattr(obj, attr):
-        raise GrowError(
-            f"vLLM internal {where}.{attr} is missing (vLLM changed; slofleet's KV grow was written "
-            "against vllm 0.32)"
-        )
-    return getattr(obj, attr)
-
-
-def grow_block_pool(pool: Any, new_blocks: int) -> int:
-    """Append blocks `len(pool.blocks)..new_blocks-1` to vLLM's BlockPool as free blocks; returns
-    the old count. Block ids are indices into the workers' KV tensors, so the new ids must be
-    exactly the new tail of those tensors."""
-    blocks: list[Any] = _require(pool, "blocks", "BlockPool")
-    queue = _require(pool, "free_block_queue", "BlockPool")
-    append_n = _require(queue, "append_n", "FreeKVCacheBlockQueue")
-    old_blocks = int(_require(pool, "num_gpu_blocks", "BlockPool"))
-    if len(blocks) != old_blocks:
-        raise GrowError(f"BlockPool has {len(blocks)} blocks but num_gpu_blocks={old_blocks}")
-    if new_blocks <= old_blocks:
-        raise GrowError(f"num_blocks: {new_blocks} is not more than the current {old_blocks}")
-    added = [KVCacheBlock(i, pool=pool) for i in range(old_blocks, new_blocks)]
-    blocks.extend(added)
-    append_n(added)
-    pool.num_gpu_blocks = new_blocks
-    return old_blocks
+_require = partial(require, error=GrowError, feature="KV grow")
 
 
 class KvGrowSchedulerMixin:
@@ -99,11 +71,14 @@ class KvGrowSchedulerMixin:
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._slofleet_lock = threading.RLock()
-        self._slofleet_server: _ControlServer | None = None
+        self._slofleet_server: ControlSocket | None = None
         super().__init__(*args, **kwargs)
         path = os.environ.get(SOCKET_ENV, "")
         if path:
-            self._slofleet_server = _serve(self, path)
+            self._slofleet_server = ControlSocket(
+                path, self.slofleet_control, error_reply=_error_reply, expected=GrowError,
+                name="slofleet-scheduler-control",
+            )  # fmt: skip
 
     # --- the engine thread's entry points that touch the pool, serialized with `grow` ---------
     def schedule(self, *args: Any, **kwargs: Any) -> Any:
@@ -133,10 +108,7 @@ class KvGrowSchedulerMixin:
     def shutdown(self) -> None:
         server, self._slofleet_server = self._slofleet_server, None
         if server is not None:
-            server.shutdown()
-            server.server_close()
-            with contextlib.suppress(OSError):
-                Path(server.server_address).unlink()  # type: ignore[arg-type]
+            server.close()
         super().shutdown()  # type: ignore[misc]
 
     # --- socket ops (socket thread) -----------------------------------------------------------
@@ -212,44 +184,14 @@ class KvGrowSchedulerMixin:
         raise GrowError(f"op: unknown {op!r}; expected 'info' or 'grow'")
 
 
-class SlofleetScheduler(KvGrowSchedulerMixin, Scheduler):
-    """vLLM's v1 Scheduler with a growable BlockPool (what CPU engines run)."""
+class SlofleetScheduler(PipelineSchedulerMixin, KvGrowSchedulerMixin, Scheduler):
+    """vLLM's v1 Scheduler with a growable BlockPool (what CPU engines run) that can also lead or
+    follow a runtime pipeline (pipeline_scheduler.py; its ops arrive on the same socket)."""
 
 
 class SlofleetAsyncScheduler(KvGrowSchedulerMixin, AsyncScheduler):
     """The same for engines with async scheduling (GPU default; UNTESTED here)."""
 
 
-class _Handler(socketserver.StreamRequestHandler):
-    server: _ControlServer
-
-    def handle(self) -> None:
-        for line in self.rfile:
-            try:
-                command = json.loads(line)
-                if not isinstance(command, dict):
-                    raise GrowError("each line must be a JSON object")
-                reply = self.server.scheduler.slofleet_control(command)
-            except Exception as e:  # every failure goes back to the caller, the thread lives on
-                if not isinstance(e, GrowError | ValueError):
-                    logger.exception("slofleet scheduler control command failed")
-                reply = {"ok": False, "error": f"{type(e).__name__}: {e}"}
-            self.wfile.write(json.dumps(reply).encode() + b"\n")
-            self.wfile.flush()
-
-
-class _ControlServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
-    daemon_threads = True
-    scheduler: KvGrowSchedulerMixin
-
-
-def _serve(scheduler: KvGrowSchedulerMixin, path: str) -> _ControlServer:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).unlink(missing_ok=True)
-    server = _ControlServer(path, _Handler)
-    server.scheduler = scheduler
-    # Owner and group only (the sidecar container shares the pod's volume group).
-    os.chmod(path, 0o660)
-    threading.Thread(target=server.serve_forever, name="slofleet-scheduler-control", daemon=True).start()
-    logger.info("slofleet scheduler control socket at %s", path)
-    return server
+def _error_reply(error: Exception) -> dict[str, Any]:
+    return {"ok": False, "error": f"{type(error).__name__}: {error}"}

@@ -20,14 +20,16 @@ from typing import Any
 
 import torch
 
+from slofleet.sidecar.vllm_ext.kv_layout import KvLayoutExtension
 from slofleet.sidecar.vllm_ext.kv_resize import KvResizeExtension
 from slofleet.sidecar.vllm_ext.layers import LayerDropExtension
+from slofleet.sidecar.vllm_ext.pipeline import PipelineExtension
 
 # The protocol version of the dicts below; the sidecar checks it (see slofleet.sidecar.engine).
 EXTENSION_PROTOCOL = 1
 
 
-class SlofleetWorkerExtension(LayerDropExtension, KvResizeExtension):
+class SlofleetWorkerExtension(LayerDropExtension, KvResizeExtension, KvLayoutExtension, PipelineExtension):
     """Mixed into vLLM's Worker; see the module docstring for the rules of adding methods."""
 
     # Provided by vLLM's Worker once this class is mixed in.
