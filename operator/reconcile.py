@@ -13,6 +13,7 @@ import datetime
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Literal
 
 from kubernetes.utils.quantity import parse_quantity
@@ -22,6 +23,7 @@ from slofleet.operator.kube import KINDS, LLMSERVICE, ApiError, KubeClient
 from slofleet.operator.metrics import observe_reconcile
 from slofleet.operator.render import (
     Images,
+    desired_pool_replicas,
     engine_pools,
     engine_selector,
     gateway_endpoint,
@@ -38,7 +40,7 @@ from slofleet.operator.status import (
     status_changed,
 )
 from slofleet.operator.tokens import derive_token
-from slofleet.spec import SpecError, parse_llmservice, semantic_problems
+from slofleet.spec import LLMServiceSpec, SpecError, parse_llmservice, semantic_problems
 
 log = logging.getLogger(__name__)
 
@@ -116,9 +118,16 @@ async def create_secret_once(
 
 
 async def apply_object(
-    kube: KubeClient, desired: dict[str, Any], owner_uid: str
+    kube: KubeClient,
+    desired: dict[str, Any],
+    owner_uid: str,
+    refresh: Callable[[dict[str, Any], Mapping[str, Any]], dict[str, Any]] | None = None,
 ) -> tuple[Action, dict[str, Any]]:
-    """Create `desired` or merge-patch it into the existing object; no write when nothing differs."""
+    """Create `desired` or merge-patch it into the existing object; no write when nothing differs.
+
+    `refresh(desired, live)` re-derives fields that another writer owns from the object as read
+    right before the patch (an engine pool's spec.replicas, which the control loop sets): a value
+    rendered from an earlier read would undo a decision made since, a lost update."""
     kind = KINDS[desired["kind"]]
     meta = desired["metadata"]
     namespace, name = meta["namespace"], meta["name"]
@@ -137,9 +146,20 @@ async def apply_object(
             f"{kind.kind} {namespace}/{name} exists and is not controlled by this LLMService; "
             f"delete or rename it"
         )
+    if refresh is not None:
+        desired = refresh(desired, current)
     if is_subset(desired, current):
         return "unchanged", current
     return "updated", await kube.patch(kind, namespace, name, desired)
+
+
+def _live_replicas(
+    spec: LLMServiceSpec, pool: Pool, desired: dict[str, Any], live: Mapping[str, Any]
+) -> dict[str, Any]:
+    """`desired` with the replicas reconcile wants given the pool Deployment's replicas *now*."""
+    now = live.get("spec", {}).get("replicas")
+    replicas = desired_pool_replicas(spec, {pool: None if now is None else int(now)})[pool]
+    return {**desired, "spec": {**desired["spec"], "replicas": replicas}}
 
 
 def _report_transitions(before: Mapping[str, Any] | None, after: Mapping[str, Any], emit: Emit) -> None:
@@ -236,7 +256,9 @@ async def reconcile(
                 token = derive_token(token_key, str(service.uid))
                 action, result = await create_secret_once(kube, desired, token)
             else:
-                action, result = await apply_object(kube, desired, str(service.uid))
+                pool = used.get(desired["metadata"]["name"]) if desired["kind"] == "Deployment" else None
+                refresh = None if pool is None else partial(_live_replicas, service.spec, pool)
+                action, result = await apply_object(kube, desired, str(service.uid), refresh)
         except OwnershipConflict as exc:
             conflict = ("OwnershipConflict", str(exc))
             await _write_status(kube, obj, invalid_conditions(*conflict), engine, report)

@@ -6,8 +6,9 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from slofleet.operator.reconcile import is_subset
-from slofleet.operator.render import Images, render_all
+from slofleet.instance import Pool
+from slofleet.operator.reconcile import _live_replicas, is_subset
+from slofleet.operator.render import Images, pool_deployment_name, render_all
 from slofleet.spec import LLMService, parse_spec
 
 
@@ -50,3 +51,24 @@ def test_real_differences_are_seen() -> None:
     assert not is_subset({"image": "x:1"}, {})
     assert not is_subset({"port": "http"}, {"port": "grpc"})
     assert is_subset({"env": [{"name": "A", "value": ""}]}, {"env": [{"name": "A"}]})
+
+
+def test_pool_replicas_come_from_the_object_read_right_before_the_patch() -> None:
+    """Reconcile renders every object from reads made at its start; the control loop may change a
+    pool's replicas meanwhile. Patching the stale count undid a scale-out and made the ReplicaSet
+    delete a pod nobody chose (a flaky operator autoscaling test showed it). The replicas written
+    are derived from the live object instead, clamped into the pool's bounds as before."""
+    spec = parse_spec({"model": "org/m", "replicas": {"min": 1, "max": 4, "initial": 1},
+                       "autoscaling": {"policy": "chiron"}})  # fmt: skip
+    service = LLMService(name="s", namespace="ns", spec=spec, uid="u")
+    name = pool_deployment_name("s", Pool.INTERACTIVE)
+    rendered = render_all(service, Images(), {Pool.INTERACTIVE: 3})
+    stale = next(d for d in rendered if d["metadata"]["name"] == name)
+    assert stale["spec"]["replicas"] == 3
+    live = served(copy.deepcopy(stale))
+    live["spec"]["replicas"] = 4  # the control loop scaled out after reconcile read 3
+    fresh = _live_replicas(spec, Pool.INTERACTIVE, stale, live)
+    assert fresh["spec"]["replicas"] == 4 and is_subset(fresh, live), "a stale count must not be patched"
+    assert stale["spec"]["replicas"] == 3, "the rendered object is not modified"
+    live["spec"]["replicas"] = 9  # above spec.replicas.max: reconcile still clamps
+    assert _live_replicas(spec, Pool.INTERACTIVE, stale, live)["spec"]["replicas"] == 4
