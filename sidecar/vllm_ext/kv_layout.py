@@ -39,7 +39,7 @@ import torch
 from vllm.model_executor.models.utils import extract_layer_index
 
 from slofleet.sidecar.vllm_ext.internals import require
-from slofleet.sidecar.vllm_ext.kv_resize import KvResizeError
+from slofleet.sidecar.vllm_ext.kv_resize import KvResizeError, adopt_kv_cache
 
 KV_LAYOUT_PROTOCOL = 1
 
@@ -220,7 +220,6 @@ class KvLayoutExtension:
         except BaseException:
             self._slofleet_kv_bind(config)  # the old layout, empty: its buffer is already gone
             raise
-        self.vllm_config.cache_config.num_gpu_blocks = num_blocks
         return {
             "ok": True,
             "protocol": KV_LAYOUT_PROTOCOL,
@@ -253,10 +252,4 @@ class KvLayoutExtension:
         for name in group.layer_names:
             if name not in placed:
                 ctx[name].bind_kv_cache(empty_kv_view(like))
-        runner.kv_cache_config = config
-        if hasattr(runner, "_kv_block_zeroer"):  # GPU runners precompute block addresses (UNTESTED)
-            runner._init_kv_zero_meta()
-        from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
-
-        if has_kv_transfer_group():  # a KV connector must address the new buffer
-            get_kv_transfer_group().register_kv_caches(manager_views)
+        adopt_kv_cache(runner, self.vllm_config.cache_config, config, manager_views)

@@ -118,6 +118,20 @@ def copy_kv_blocks(old: dict[str, torch.Tensor], new: dict[str, torch.Tensor], r
     return copied
 
 
+def adopt_kv_cache(runner: Any, cache_config: Any, config: Any, manager_views: Any) -> None:
+    """Make a newly allocated KV buffer the runner's: its config and block count, the GPU
+    runner's precomputed block addresses, and the KV connector's registered tensors (a connector
+    must address the new buffer)."""
+    runner.kv_cache_config = config
+    cache_config.num_gpu_blocks = int(config.num_blocks)
+    if hasattr(runner, "_kv_block_zeroer"):  # GPU runners precompute block addresses (UNTESTED)
+        runner._init_kv_zero_meta()
+    from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
+
+    if has_kv_transfer_group():
+        get_kv_transfer_group().register_kv_caches(manager_views)
+
+
 class KvResizeExtension:
     """Mixed into vLLM's Worker through `SlofleetWorkerExtension`; see the module docstring."""
 
@@ -204,12 +218,5 @@ class KvResizeExtension:
                 ctx[name].bind_kv_cache(view)
             runner_kv[:] = old_runner_kv
             raise
-        runner.kv_cache_config = new_config
-        cache_config.num_gpu_blocks = new_blocks
-        if hasattr(runner, "_kv_block_zeroer"):  # GPU runners precompute block addresses (UNTESTED)
-            runner._init_kv_zero_meta()
-        from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
-
-        if has_kv_transfer_group():  # a KV connector must address the new buffer
-            get_kv_transfer_group().register_kv_caches(manager_views)
+        adopt_kv_cache(runner, cache_config, new_config, manager_views)
         return {**result, "new_bytes": int(new_config.kv_cache_tensors[0].size), "copied_bytes": copied}

@@ -63,7 +63,6 @@ from vllm.v1.core.sched.interface import PauseState
 from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.engine import EngineCoreRequestType
 
-from slofleet.sidecar.vllm_ext.block_pool import grow_block_pool, shrink_block_pool
 from slofleet.sidecar.vllm_ext.internals import require
 
 logger = init_logger(__name__)
@@ -400,32 +399,11 @@ class PipelineSchedulerMixin:
         with self._slofleet_lock:
             self._slofleet_require_quiet("pipeline_blocks")
             self._slofleet_reset_prefix_cache("pipeline_blocks")
-            manager = _require(self, "kv_cache_manager", "Scheduler")
-            pool = _require(manager, "block_pool", "KVCacheManager")
-            coordinator = _require(manager, "coordinator", "KVCacheManager")
-            if _require(coordinator, "block_pool", type(coordinator).__name__) is not pool:
-                raise PipelineOpError("pipeline_blocks: the KV cache coordinator has several block pools")
-            config = self.kv_cache_config
-            old_blocks = int(_require(pool, "num_gpu_blocks", "BlockPool"))
-            if int(config.num_blocks) != old_blocks:
-                raise PipelineOpError(f"pipeline_blocks: kv_cache_config.num_blocks={config.num_blocks} != "
-                                      f"BlockPool.num_gpu_blocks={old_blocks}")  # fmt: skip
-            if num_blocks > old_blocks:
-                grow_block_pool(pool, num_blocks)
-            elif num_blocks < old_blocks:
-                shrink_block_pool(pool, num_blocks)
-            # One KVCacheConfig object is shared by the scheduler, its KV cache manager and
-            # coordinator, and the scheduler-side KV connector.
-            config.num_blocks = num_blocks
-            self.cache_config.num_gpu_blocks = num_blocks
-            watermark = float(getattr(self.scheduler_config, "watermark", 0.0) or 0.0)
-            if hasattr(manager, "watermark_blocks"):
-                manager.watermark_blocks = int(watermark * num_blocks)
+            old_blocks, free = self._slofleet_resize_pool(num_blocks, allow_shrink=True)  # type: ignore[attr-defined]
             if self._slofleet_home_blocks is None:
                 self._slofleet_home_blocks = old_blocks
             if num_blocks == self._slofleet_home_blocks:
                 self._slofleet_home_blocks = None
-            free = int(pool.get_num_free_blocks())
         seconds = time.perf_counter() - start
         logger.info("slofleet pipeline: block pool %d -> %d blocks in %.4f s", old_blocks, num_blocks,
                     seconds)  # fmt: skip

@@ -45,7 +45,7 @@ from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.interface import PauseState
 from vllm.v1.core.sched.scheduler import Scheduler
 
-from slofleet.sidecar.vllm_ext.block_pool import GrowError, grow_block_pool
+from slofleet.sidecar.vllm_ext.block_pool import GrowError, grow_block_pool, shrink_block_pool
 from slofleet.sidecar.vllm_ext.control_socket import ControlSocket
 from slofleet.sidecar.vllm_ext.internals import require
 from slofleet.sidecar.vllm_ext.pipeline_scheduler import PipelineSchedulerMixin
@@ -135,29 +135,8 @@ class KvGrowSchedulerMixin:
                     f"the scheduler is {self.pause_state.name}, not PAUSED_ALL: pause the engine with "
                     "/pause?mode=keep and grow the workers' KV first"
                 )
-            manager = self.kv_cache_manager
-            pool = _require(manager, "block_pool", "KVCacheManager")
-            coordinator = _require(manager, "coordinator", "KVCacheManager")
-            if _require(coordinator, "block_pool", type(coordinator).__name__) is not pool:
-                raise GrowError("the KV cache coordinator has more than one block pool; not supported")
-            config = self.kv_cache_config
-            if int(config.num_blocks) != int(pool.num_gpu_blocks):
-                raise GrowError(
-                    f"kv_cache_config.num_blocks={config.num_blocks} != BlockPool.num_gpu_blocks="
-                    f"{pool.num_gpu_blocks}"
-                )
-            old_blocks = int(pool.num_gpu_blocks)
-            if num_blocks != old_blocks:  # equal: a retry of a grow that already happened
-                grow_block_pool(pool, num_blocks)
-            # One KVCacheConfig object is shared by the scheduler, its KV cache manager and
-            # coordinator, and the scheduler-side KV connector.
-            config.num_blocks = num_blocks
-            self.cache_config.num_gpu_blocks = num_blocks
-            watermark = float(getattr(self.scheduler_config, "watermark", 0.0) or 0.0)
-            if hasattr(manager, "watermark_blocks"):
-                manager.watermark_blocks = int(watermark * num_blocks)
+            old_blocks, free = self._slofleet_resize_pool(num_blocks, allow_shrink=False)
             running, waiting = self.get_request_counts()  # type: ignore[attr-defined]
-            free = int(pool.get_num_free_blocks())
         seconds = time.perf_counter() - start
         logger.info("slofleet: grew the KV block pool %d -> %d blocks in %.4f s", old_blocks, num_blocks,
                     seconds)  # fmt: skip
@@ -171,6 +150,35 @@ class KvGrowSchedulerMixin:
             "waiting": int(waiting),
             "seconds": round(seconds, 6),
         }
+
+    def _slofleet_resize_pool(self, num_blocks: int, *, allow_shrink: bool) -> tuple[int, int]:
+        """Resize the BlockPool to `num_blocks` and every count that mirrors it; returns the old
+        count and the free blocks after. The caller holds the lock with the engine paused. An
+        equal count changes nothing (a retry of a resize that already happened); a smaller one
+        is refused unless `allow_shrink` (the pool must then be idle, see `shrink_block_pool`)."""
+        manager = _require(self, "kv_cache_manager", "Scheduler")
+        pool = _require(manager, "block_pool", "KVCacheManager")
+        coordinator = _require(manager, "coordinator", "KVCacheManager")
+        if _require(coordinator, "block_pool", type(coordinator).__name__) is not pool:
+            raise GrowError("the KV cache coordinator has more than one block pool; not supported")
+        config = self.kv_cache_config
+        old_blocks = int(_require(pool, "num_gpu_blocks", "BlockPool"))
+        if int(config.num_blocks) != old_blocks:
+            raise GrowError(
+                f"kv_cache_config.num_blocks={config.num_blocks} != BlockPool.num_gpu_blocks={old_blocks}"
+            )
+        if num_blocks < old_blocks and allow_shrink:
+            shrink_block_pool(pool, num_blocks)
+        elif num_blocks != old_blocks:
+            grow_block_pool(pool, num_blocks)  # refuses a smaller count
+        # One KVCacheConfig object is shared by the scheduler, its KV cache manager and
+        # coordinator, and the scheduler-side KV connector.
+        config.num_blocks = num_blocks
+        self.cache_config.num_gpu_blocks = num_blocks
+        watermark = float(getattr(self.scheduler_config, "watermark", 0.0) or 0.0)
+        if hasattr(manager, "watermark_blocks"):
+            manager.watermark_blocks = int(watermark * num_blocks)
+        return old_blocks, int(pool.get_num_free_blocks())
 
     def slofleet_control(self, command: dict[str, Any]) -> dict[str, Any]:
         op = command.get("op")
