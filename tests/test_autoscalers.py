@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from dataclasses import replace
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -428,3 +429,65 @@ def test_one_latency_episode_cuts_the_limit_once() -> None:
     assert next_limit(state, slow, cfg).limit < 85
     kv_state = next_limit(LocalAutoscalerState(limit=100), slow, cfg)
     assert next_limit(kv_state, LocalObservation(0.1, 0.01, 1e4, 85, 0.99, 2), cfg).limit < kv_state.limit
+
+
+def test_a_cut_that_does_not_relieve_the_violation_is_undone_and_latency_ignored_for_a_while() -> None:
+    """A stalled host violates the SLO at any concurrency: cutting must stop and be undone."""
+    cfg = LocalAutoscalerConfig(decrease_cooldown_steps=3, unrelieved_hold_steps=10)
+    state = LocalAutoscalerState(limit=16, slow_start=False)
+    stalled = LocalObservation(0.5, 0.4, 300.0, 6, 0.1)
+    state = next_limit(state, stalled, cfg)
+    assert state.limit == math.floor(6 * cfg.decrease_factor)
+    for _ in range(2):
+        state = next_limit(state, replace(stalled, in_flight=state.limit), cfg)
+        assert state.reason.startswith("hold: slo violated, recent decrease")
+    state = next_limit(state, replace(stalled, in_flight=state.limit), cfg)
+    assert (state.limit, state.reason.split(":")[0]) == (16, "restore")
+    for _ in range(9):
+        state = next_limit(state, replace(stalled, in_flight=16), cfg)
+        assert (state.limit, state.reason) == (16, "hold: slo violated, but not by concurrency")
+    # the hold ends: the next violation is tested by a cut again
+    assert next_limit(state, replace(stalled, in_flight=16), cfg).limit < 16
+
+
+def test_a_cut_that_relieves_the_violation_earns_the_next_one() -> None:
+    cfg = LocalAutoscalerConfig(decrease_cooldown_steps=1, itl_slo_s=0.1)
+    state = LocalAutoscalerState(limit=40, slow_start=False)
+    state = next_limit(state, LocalObservation(0.1, 0.4, 1e3, 40, 0.5), cfg)
+    assert state.limit == 34
+    state = next_limit(state, LocalObservation(0.1, 0.34, 1e3, 34, 0.5), cfg)
+    assert state.limit == 28  # 15 % less latency after a 15 % cut: concurrency is the cause
+
+
+@given(
+    st.floats(1.05, 20.0),
+    st.lists(st.floats(0.0, 0.1), min_size=20, max_size=80),
+    st.integers(4, 256),
+    st.integers(1, 600),
+)
+def test_latency_that_does_not_fall_with_concurrency_never_collapses_the_limit(
+    base: float, jitter: list[float], start: int, demand: int
+) -> None:
+    """Violations within a 10 % band whatever the concurrency (host stalls, not load) cost at most
+    the first cut of each episode: the limit never ends up below one cut from where it began."""
+    cfg = LocalAutoscalerConfig(min_limit=1, max_limit=512, itl_slo_s=0.1, decrease_cooldown_steps=2)
+    state = LocalAutoscalerState(limit=start, slow_start=False)
+    for j in jitter:
+        in_flight = min(demand, state.limit)
+        state = next_limit(state, LocalObservation(0.1, 0.1 * base * (1 + j), 1e3, in_flight, 0.3), cfg)
+        assert state.limit >= math.floor(min(start, max(demand, 1)) * cfg.decrease_factor)
+
+
+def test_latency_driven_by_concurrency_settles_the_limit_under_the_slo() -> None:
+    """ITL proportional to the batch (10 ms per request, SLO 100 ms): the limit comes down from 64
+    to the concurrency that meets the SLO and stays near it."""
+    cfg = LocalAutoscalerConfig(itl_slo_s=0.1, ttft_slo_s=10.0, decrease_cooldown_steps=2)
+    state = LocalAutoscalerState(limit=64, slow_start=False)
+    limits = []
+    for _ in range(80):
+        in_flight = state.limit
+        itl = 0.01 * in_flight
+        state = next_limit(state, LocalObservation(0.5, itl, in_flight / itl, in_flight, 0.3), cfg)
+        limits.append(state.limit)
+    assert max(limits[-30:]) <= 11
+    assert min(limits[-30:]) >= 4

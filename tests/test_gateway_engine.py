@@ -47,10 +47,13 @@ class Engines:
         return next(s for s in self.servers if instance_id.endswith(f":{s.port}"))
 
     def crash(self, server: VllmServer) -> None:
-        """SIGKILL the whole group (API server, engine core, worker): an instance failure."""
-        os.killpg(server.process.pid, signal.SIGKILL)
-        server.process.wait(10)
+        """SIGKILL the whole group (API server, engine core, worker): an instance failure.
+
+        The server leaves the list first, so a slow reap (a loaded CI box once took over 10 s to
+        tear down a killed 3 GB engine) cannot leave a dead instance for later tests to wait on."""
         self.servers.remove(server)
+        os.killpg(server.process.pid, signal.SIGKILL)
+        server.process.wait(120)
 
     def stop_all(self) -> None:
         for s in self.servers:
@@ -494,8 +497,8 @@ def test_engine_killed_mid_stream_client_gets_the_undisturbed_tokens(
         def kill(n: int, headers: httpx.Headers, killed: list[VllmServer] = killed) -> None:
             if n == 2:
                 victim = engines.by_instance(headers["X-Slofleet-Instance"])
-                engines.crash(victim)
                 killed.append(victim)
+                engines.crash(victim)
 
         try:
             with BackgroundLoad(engines):

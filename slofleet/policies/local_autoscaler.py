@@ -5,8 +5,12 @@ request only adds latency (ITL grows with batch size and context) or triggers KV
 throughput has stopped growing. The right limit depends on the model, the hardware and the current
 mix of prompt/output lengths, so it is found online, like TCP's congestion window (Chiron's local
 autoscaler): grow it while throughput still rises, cut it multiplicatively when the instance violates
-its latency SLO or runs out of KV cache. The gateway honours the limit (`InstanceLoad.has_room`), so
-excess load stays queued at the gateway, where the global autoscaler sees it as backpressure.
+its latency SLO or runs out of KV cache. A cut must earn the next one: when concurrency fell after a
+cut and the violation did not, the latency is not coming from concurrency (a slow or stalled host, a
+long-prompt mix) and further cuts would only throw throughput away, so the limit goes back to where
+the episode began and latency is ignored for a while. The gateway honours the limit
+(`InstanceLoad.has_room`), so excess load stays queued at the gateway, where the global autoscaler
+sees it as backpressure.
 
 Pure and deterministic: the sidecar (every second), the local fleet and the simulator call the same
 `next_limit` with an observation they build from their own sources.
@@ -37,6 +41,11 @@ class LocalAutoscalerConfig:
     # holds the samples that caused the first (TCP reacts once per round trip for the same
     # reason). KV exhaustion is not held back: it is measured now, not over a window.
     decrease_cooldown_steps: int = 5
+    # A cut counts as relieving the violation when the next violation (after the cooldown, with
+    # in-flight requests down to the new limit) is at least this much smaller, relatively.
+    min_relief: float = 0.1
+    # Steps in which latency violations are ignored after a cut was shown not to relieve them.
+    unrelieved_hold_steps: int = 20
     additive_step: int = 2
     # Relative throughput gain that counts as "still rising" after a limit increase.
     min_gain: float = 0.02
@@ -53,6 +62,8 @@ class LocalAutoscalerConfig:
             )
         if not 0.0 < self.decrease_factor < 1.0:
             raise ValueError(f"decrease_factor={self.decrease_factor}: must be in (0, 1)")
+        if not 0.0 <= self.min_relief < 1.0:
+            raise ValueError(f"min_relief={self.min_relief}: must be in [0, 1)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +89,9 @@ class LocalAutoscalerState:
 
     `slow_start` doubles the limit until the first congestion signal (as in TCP); afterwards
     growth is additive. `last_throughput` is the throughput measured at the previous limit.
+    While a latency episode is open, `episode_violation` is the violation (worst latency / SLO) at
+    the last cut and `episode_start_limit` the limit before its first cut; `blind` counts the steps
+    left in which latency is ignored because cutting did not relieve it.
     """
 
     limit: int
@@ -85,6 +99,9 @@ class LocalAutoscalerState:
     last_throughput: float = 0.0
     reason: str = "initial"
     cooldown: int = 0
+    episode_violation: float = 0.0
+    episode_start_limit: int = 0
+    blind: int = 0
 
     @classmethod
     def initial(cls, config: LocalAutoscalerConfig) -> LocalAutoscalerState:
@@ -104,9 +121,30 @@ def next_limit(
         return max(config.min_limit, min(config.max_limit, value))
 
     cooldown = max(0, state.cooldown - 1)
-    if worst > 1.0 and not kv_exhausted and cooldown > 0:
-        return replace(state, cooldown=cooldown, reason="hold: slo violated, recent decrease still settling")
-    if worst > 1.0 or kv_exhausted:
+    blind = max(0, state.blind - 1)
+    violated = worst > 1.0
+    if violated and not kv_exhausted:
+        if cooldown > 0:
+            reason = "hold: slo violated, recent decrease still settling"
+            return replace(state, cooldown=cooldown, blind=blind, reason=reason)
+        if blind > 0:
+            return replace(state, blind=blind, reason="hold: slo violated, but not by concurrency")
+        cut_took_effect = obs.in_flight <= state.limit
+        if (
+            state.episode_violation > 0.0
+            and cut_took_effect
+            and worst >= state.episode_violation * (1.0 - config.min_relief)
+        ):
+            restored = bounded(max(state.limit, state.episode_start_limit))
+            return LocalAutoscalerState(
+                restored,
+                False,
+                obs.throughput_tokens_per_s,
+                f"restore: cutting to {state.limit} did not relieve the violation "
+                f"({state.episode_violation:.2f}x slo before, {worst:.2f}x after)",
+                blind=config.unrelieved_hold_steps,
+            )
+    if violated or kv_exhausted:
         # Decrease from what is actually in flight when that is lower: a limit above the real
         # concurrency would take several steps to bite.
         base = min(state.limit, max(obs.in_flight, config.min_limit))
@@ -116,9 +154,20 @@ def next_limit(
             if kv_exhausted
             else f"slo violated (ttft p99 {obs.ttft_p99_s:.3f}s, itl p99 {obs.itl_p99_s:.3f}s)"
         )
+        episode_open = state.episode_violation > 0.0
         return LocalAutoscalerState(
-            new, False, obs.throughput_tokens_per_s, f"decrease: {why}", config.decrease_cooldown_steps
+            new,
+            False,
+            obs.throughput_tokens_per_s,
+            f"decrease: {why}",
+            config.decrease_cooldown_steps,
+            episode_violation=worst if violated else 0.0,
+            episode_start_limit=state.episode_start_limit if episode_open else state.limit,
+            blind=blind,
         )
+    if worst > 0.0:  # latency measured and within the SLO: the episode, if any, was relieved
+        state = replace(state, episode_violation=0.0, episode_start_limit=0)
+    state = replace(state, blind=blind)
     binding = obs.in_flight >= config.binding_fraction * state.limit
     if not binding:
         return replace(state, cooldown=cooldown, reason="hold: limit not reached by demand")
@@ -132,24 +181,29 @@ def next_limit(
     rising = obs.throughput_tokens_per_s > state.last_throughput * (1.0 + config.min_gain)
     if rising:
         grown = state.limit * 2 if state.slow_start else state.limit + config.additive_step
-        return LocalAutoscalerState(
-            bounded(grown),
-            state.slow_start,
-            obs.throughput_tokens_per_s,
-            "increase: throughput still rising" + (" (slow start)" if state.slow_start else ""),
-            cooldown,
+        return replace(
+            state,
+            limit=bounded(grown),
+            last_throughput=obs.throughput_tokens_per_s,
+            reason="increase: throughput still rising" + (" (slow start)" if state.slow_start else ""),
+            cooldown=cooldown,
         )
     if worst < config.probe_below:
         # Flat throughput at a binding limit can mean the demand is flat, not the instance
         # saturated; with latency far from the SLO an additive probe is cheap and is how the limit
         # comes to measure capacity (the global autoscaler reads it as such).
-        return LocalAutoscalerState(
-            bounded(state.limit + config.additive_step),
-            False,
-            obs.throughput_tokens_per_s,
-            "increase: probing, latency far below slo",
-            cooldown,
+        return replace(
+            state,
+            limit=bounded(state.limit + config.additive_step),
+            slow_start=False,
+            last_throughput=obs.throughput_tokens_per_s,
+            reason="increase: probing, latency far below slo",
+            cooldown=cooldown,
         )
-    return LocalAutoscalerState(
-        state.limit, False, obs.throughput_tokens_per_s, "hold: throughput stopped rising", cooldown
+    return replace(
+        state,
+        slow_start=False,
+        last_throughput=obs.throughput_tokens_per_s,
+        reason="hold: throughput stopped rising",
+        cooldown=cooldown,
     )
