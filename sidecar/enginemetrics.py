@@ -24,12 +24,17 @@ PROMPT_TOKENS = "vllm:prompt_tokens"
 GENERATION_TOKENS = "vllm:generation_tokens"
 TTFT = "vllm:time_to_first_token_seconds"
 ITL = "vllm:inter_token_latency_seconds"
-FAMILIES = (RUNNING, WAITING, KV_USAGE, CACHE_INFO, PREEMPTIONS, PROMPT_TOKENS, GENERATION_TOKENS, TTFT, ITL)
+# Each finished request's mean inter-token latency: what an ITL SLO is defined on (one slow step
+# in a long answer barely moves it, while it is a per-token ITL p99 all by itself).
+TPOT = "vllm:request_time_per_output_token_seconds"
+FAMILIES = (
+    RUNNING, WAITING, KV_USAGE, CACHE_INFO, PREEMPTIONS, PROMPT_TOKENS, GENERATION_TOKENS, TTFT, ITL, TPOT,
+)  # fmt: skip
 
 # Sample names for prometheus_client's `name[]` filter (counters with `_total`, histogram buckets).
 SAMPLE_NAMES = (
     RUNNING, WAITING, KV_USAGE, CACHE_INFO, PREEMPTIONS + "_total", PROMPT_TOKENS + "_total",
-    GENERATION_TOKENS + "_total", TTFT + "_bucket", ITL + "_bucket",
+    GENERATION_TOKENS + "_total", TTFT + "_bucket", ITL + "_bucket", TPOT + "_bucket",
 )  # fmt: skip
 
 _LINES = re.compile(
@@ -56,6 +61,9 @@ class Histogram:
         return self.cumulative_counts[-1] if self.cumulative_counts else 0.0
 
 
+EMPTY_HISTOGRAM = Histogram((math.inf,), (0.0,))
+
+
 @dataclass(frozen=True, slots=True)
 class EngineSample:
     """One scrape of the engine. Counters are engine totals since its start."""
@@ -70,6 +78,7 @@ class EngineSample:
     generation_tokens_total: float
     ttft: Histogram
     itl: Histogram
+    tpot: Histogram = EMPTY_HISTOGRAM
 
 
 def _int_label(labels: dict[str, str], name: str) -> int:
@@ -103,6 +112,7 @@ def parse_engine_metrics(text: str) -> EngineSample:
     cache_labels: dict[str, str] | None = None
     ttft: dict[float, float] = {}
     itl: dict[float, float] = {}
+    tpot: dict[float, float] = {}
     for family in text_string_to_metric_families(kept):
         if family.name == CACHE_INFO:
             if family.samples:
@@ -111,6 +121,8 @@ def parse_engine_metrics(text: str) -> EngineSample:
             _add_histogram(ttft, family.samples)
         elif family.name == ITL:
             _add_histogram(itl, family.samples)
+        elif family.name == TPOT:
+            _add_histogram(tpot, family.samples)
         else:
             for s in family.samples:
                 # Keyed by sample name: the text format may declare a counter's TYPE with or
@@ -134,4 +146,5 @@ def parse_engine_metrics(text: str) -> EngineSample:
         generation_tokens_total=sums.get(GENERATION_TOKENS, 0.0),
         ttft=_histogram(ttft),
         itl=_histogram(itl),
+        tpot=_histogram(tpot),
     )

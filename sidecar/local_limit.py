@@ -57,7 +57,7 @@ class LocalLimitController:
         self._last_preemptions = preemptions
         obs = LocalObservation(
             ttft_p99_s=stats.ttft_p99_seconds,
-            itl_p99_s=stats.itl_p99_seconds,
+            itl_p99_s=stats.request_itl_p99_seconds,
             throughput_tokens_per_s=stats.prompt_tokens_per_second + stats.generation_tokens_per_second,
             in_flight=sample.running_requests + sample.waiting_requests,
             kv_usage_fraction=sample.kv_usage_fraction,

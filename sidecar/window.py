@@ -50,6 +50,8 @@ class WindowStats:
     ttft_p99_seconds: float
     itl_p50_seconds: float
     itl_p99_seconds: float
+    # p99 over finished requests of each one's mean ITL (vLLM's TPOT): the ITL SLO's measure.
+    request_itl_p99_seconds: float = 0.0
 
 
 class SampleWindow:
@@ -102,6 +104,7 @@ class SampleWindow:
             lat_old = self._samples[0][1]
         ttft = histogram_delta(new.ttft, lat_old.ttft)
         itl = histogram_delta(new.itl, lat_old.itl)
+        tpot = histogram_delta(new.tpot, lat_old.tpot)
         return WindowStats(
             prompt_tokens_per_second=(new.prompt_tokens_total - old.prompt_tokens_total) / dt,
             generation_tokens_per_second=(new.generation_tokens_total - old.generation_tokens_total) / dt,
@@ -109,4 +112,5 @@ class SampleWindow:
             ttft_p99_seconds=histogram_quantile(0.99, new.ttft.upper_bounds, ttft),
             itl_p50_seconds=histogram_quantile(0.5, new.itl.upper_bounds, itl),
             itl_p99_seconds=histogram_quantile(0.99, new.itl.upper_bounds, itl),
+            request_itl_p99_seconds=histogram_quantile(0.99, new.tpot.upper_bounds, tpot),
         )

@@ -11,7 +11,9 @@ import pytest
 
 from slofleet.api.v1 import sidecar_pb2 as pb
 from slofleet.instance import RequestClass, RequestInfo
+from slofleet.policies.local_autoscaler import LocalAutoscalerConfig
 from slofleet.sidecar.enginemetrics import EngineMetricsError, EngineSample, Histogram, parse_engine_metrics
+from slofleet.sidecar.local_limit import LocalLimitController
 from slofleet.sidecar.service import (
     InvalidArgument,
     SidecarService,
@@ -110,6 +112,40 @@ def test_window_rates_and_percentiles_use_deltas_not_totals():
     assert st.prompt_tokens_per_second == pytest.approx(100.0)
     assert st.generation_tokens_per_second == pytest.approx(100.0)
     assert st.ttft_p50_seconds == pytest.approx(0.05)  # only the 10 new observations count
+
+
+def test_parse_reads_each_requests_mean_itl():
+    text = (
+        page()
+        + "# TYPE vllm:request_time_per_output_token_seconds histogram\n"
+        + "".join(
+            f'vllm:request_time_per_output_token_seconds_bucket{{{LABELS},le="{b}"}} {c}\n'
+            for b, c in (("0.05", 3), ("0.1", 9), ("+Inf", 10))
+        )
+    )
+    s = parse_engine_metrics(text)
+    assert s.tpot.upper_bounds == (0.05, 0.1, math.inf) and s.tpot.cumulative_counts == (3, 9, 10)
+
+
+def test_local_limit_reads_the_slos_itl_not_one_stalled_token():
+    """A host stall makes single tokens slow (per-token ITL p99 0.8 s) while every request's mean
+    ITL stays at 40 ms, under the 100 ms SLO: the controller must not cut the limit."""
+    bounds = (0.05, 0.1, 1.0, math.inf)
+    state = SidecarState("i", concurrency_limit=8)
+    ctl = LocalLimitController(
+        state, LocalAutoscalerConfig(initial_limit=8, itl_slo_s=0.1, ttft_slo_s=5.0), window_seconds=5.0
+    )
+    for i in range(6):
+        n = 10.0 * i
+        stalled_tokens = Histogram(bounds, (0.9 * n * 50, 0.95 * n * 50, n * 50, n * 50))
+        mean_itl = Histogram(bounds, (n, n, n, n))
+        ctl.observe(
+            float(i),
+            EngineSample(8, 0, 0.3, 100, 16, 0, 100.0 * i, 500.0 * i,
+                         Histogram(bounds, (n, n, n, n)), stalled_tokens, mean_itl),
+        )  # fmt: skip
+    assert state.window is not ctl.window and ctl.window.stats().itl_p99_seconds > 0.5
+    assert state.concurrency_limit >= 8, ctl.policy_state.reason
 
 
 def test_window_restarts_when_engine_counters_reset():

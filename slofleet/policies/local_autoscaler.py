@@ -70,7 +70,9 @@ class LocalAutoscalerConfig:
 class LocalObservation:
     """What the instance measured over the last interval.
 
-    Latencies are the interval's p99 of interactive requests (0 when none finished); throughput is
+    Latencies are the interval's p99 over finished interactive requests (0 when none finished);
+    `itl_p99_s` is over each request's mean ITL, the measure an ITL SLO is defined on (a per-token
+    p99 would count one stalled step in a long answer as a violation); throughput is
     tokens (prompt + generated) per second over the interval; `new_preemptions` counts engine
     preemptions since the previous observation.
     """
