@@ -3,7 +3,9 @@
 A vLLM server is three processes (API server, engine core, worker) and ~3.4 GB; leaking one on a
 2-core machine starves everything after it. So each server runs in its own process group (one
 `killpg` takes all three), logs to a file that failures quote, and is stopped by `stop()`,
-`with`, or at interpreter exit, whichever comes first.
+`with`, at interpreter exit, or when this process is sent SIGTERM/SIGHUP (as `timeout` or a CI
+runner does; Python's exit hooks do not run then, and engines in their own sessions would live on
+and busy-spin beside whatever runs next).
 
     from tests.enginectl import start_vllm, PROJECT_ENGINE_ARGS
     with start_vllm(model_path, extra_args=PROJECT_ENGINE_ARGS) as server:
@@ -227,6 +229,21 @@ def _stop_all() -> None:
         load.stop()
     for server in list(_live):
         server.stop()
+
+
+def _kill_live_and_die(signum: int, _frame: object) -> None:
+    for server in list(_live):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.process.pid, signal.SIGKILL)
+    for load in list(_live_loads):
+        load.stop()
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+
+
+for _signum in (signal.SIGTERM, signal.SIGHUP):
+    if signal.getsignal(_signum) == signal.SIG_DFL:
+        signal.signal(_signum, _kill_live_and_die)
 
 
 if __name__ == "__main__":
