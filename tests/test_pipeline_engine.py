@@ -351,3 +351,63 @@ async def test_merged_pair_turns_freed_memory_into_blocks_for_the_queued_request
         f"{merged.kv_relayout_seconds} split {split.kv_relayout_seconds}; stages merge "
         f"{merged.stage_seconds} split {split.stage_seconds}"
     )
+
+
+# The `BIG` prompts with longer answers: 3 blocks each, so alone 3 run and 5 wait, while merged
+# (36 usable blocks) all 8 fit; long enough that the merge lands while they generate.
+LONG_BIG: list[tuple[str, int]] = [(prompt, 200) for prompt, _ in BIG]
+
+
+async def test_merge_with_requests_in_flight_on_the_leader_keeps_their_tokens(
+    pair: Pair, references: dict[str, Any]
+) -> None:
+    """Issue 10 item 3 (by recompute): the leader is mid-burst, some requests generating and the
+    rest queued for KV; the merge requeues the running ones, and in the pipeline every request
+    runs at once and ends with exactly the tokens of an undisturbed run. A busy follower is
+    refused before anything is paused."""
+    ref = await _one_by_one(pair.follower, LONG_BIG)
+
+    busy = asyncio.create_task(_all_at_once(pair.follower, LONG_BIG[:1]))
+    deadline = time.monotonic() + 60
+    while not (await _pipeline_info(pair.follower_member))["running"]:
+        assert time.monotonic() < deadline and not busy.done(), "the follower never ran its request"
+        await asyncio.sleep(0.01)
+    with pytest.raises(PipelineSwitchError) as refused:
+        await merge_pipeline(pair.leader_member, pair.follower_member)
+    assert refused.value.stage == "check" and refused.value.paused == (), refused.value
+    assert await busy == ref[:1]
+
+    batch = asyncio.create_task(_all_at_once(pair.leader, LONG_BIG))
+    deadline = time.monotonic() + 60
+    while True:
+        info = await _pipeline_info(pair.leader_member)
+        if info["running"] and info["waiting"]:
+            break
+        assert time.monotonic() < deadline and not batch.done(), "the burst never queued on the leader"
+        await asyncio.sleep(0.01)
+    alone_running = info["running"]
+    await asyncio.sleep(0.3)  # let the running requests generate some tokens first
+    merged = await merge_pipeline(pair.leader_member, pair.follower_member)
+    print(f"\nmerge in flight: {merged}")
+    assert not batch.done(), "the burst finished before the merge: nothing was in flight"
+    assert merged.requeued == alone_running, (merged.requeued, alone_running)
+    assert merged.requeued_tokens > 0
+    peak_running = 0
+    while not batch.done():
+        peak_running = max(peak_running, (await _pipeline_info(pair.leader_member))["running"])
+        await asyncio.sleep(0.005)
+    outputs = await batch
+    for i, (out, want) in enumerate(zip(outputs, ref, strict=True)):
+        assert out == want, f"request {i} changed its tokens across the merge"
+    assert peak_running == len(LONG_BIG), (alone_running, peak_running)
+
+    split = await split_pipeline(pair.leader_member, pair.follower_member)
+    for server in (pair.leader, pair.follower):
+        assert (await _rpc(server, "slofleet_memory_status"))["dropped"] == []
+        assert await _all_at_once(server) == references["ids"], f"{server.url} after the split"
+    print(
+        f"burst of {len(LONG_BIG)} x 200 tokens: {alone_running} ran alone, merge requeued "
+        f"{merged.requeued} ({merged.requeued_tokens} tokens to recompute), paused "
+        f"{merged.paused_seconds:.3f} s; merged peak running {peak_running}; "
+        f"split {split.total_seconds:.2f} s"
+    )

@@ -4,10 +4,14 @@ KunServe answers KV pressure by grouping instances of one model: each keeps a sh
 and drops the rest, and the group serves as a pipeline. This drives the engine-side pieces
 slofleet adds to vLLM for a group of two (vllm-kunserve-facts.md, "Suggested design"):
 
-merge (both engines idle; moving in-flight requests across the switch is not built yet):
-1. both schedulers report idle, the same block size and block count (block ids the leader hands
-   out must exist in the follower's KV), both workers the same model with nothing dropped;
-2. `POST /pause?mode=keep` on both;
+merge (the follower idle; the leader's requests in flight carry over, issue 10 item 3):
+1. the follower's scheduler reports idle, both the same block size and block count (block ids
+   the leader hands out must exist in the follower's KV), both workers the same model with
+   nothing dropped;
+2. `POST /pause?mode=keep` on both; then the leader requeues its running requests
+   (`pipeline_requeue`): each gives up its KV and keeps its generated tokens, and resumes in the
+   pipeline by recomputing them (one prefill each; its KV would otherwise have to be split
+   layer by layer across the two engines). Queued requests just wait for the larger pool;
 3. drop the unowned units with the existing `slofleet_drop`: the leader keeps `embed` and layers
    [0, mid), the follower layers [mid, n) and `head`;
 4. workers enter pipeline mode (`slofleet_pipeline_enter`: the follower listens, the leader
@@ -19,8 +23,9 @@ merge (both engines idle; moving in-flight requests across the switch is not bui
    KV buffer plus the weight bytes its drop freed (`slofleet_kv_fit`); both take the smaller of
    the two counts, since the follower must hold every block id the leader hands out. Then the
    leader's BlockPool grows to that count (`pipeline_blocks`), so the group admits the requests
-   that the smaller pool queued. No block is copied: the engines are idle and step 5 reset their
-   prefix caches, so no block holds KV anyone reads. This runs after step 5 for that reason, and
+   that the smaller pool queued. No block is copied: no request holds KV (the follower is idle, the
+   leader's requests were requeued) and step 5 reset both prefix caches, so no block holds KV
+   anyone reads. This runs after step 5 for that reason, and
    after the drop so the weights' memory is free before the larger KV buffer is allocated (each
    re-layout frees the old buffer before allocating the new one);
 7. resume the follower, then the leader. From now on requests go to the leader only.
@@ -99,6 +104,10 @@ class PipelineSwitchResult:
     kv_gain: float = 0.0
     kv_bytes: dict[str, tuple[int, int]] = field(default_factory=dict)  # per role: KV buffer before, after
     kv_relayout_seconds: dict[str, float] = field(default_factory=dict)  # per role, in the worker
+    # merge: the leader's running requests that gave up their KV to be recomputed in the pipeline,
+    # and the tokens they had computed (the recompute's cost)
+    requeued: int = 0
+    requeued_tokens: int = 0
 
 
 def layer_split(num_layers: int) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -220,10 +229,11 @@ async def merge_pipeline(
                 raise PipelineSwitchError("check", f"{m.role} scheduler has no pipeline support: {info}")
             if pipe.get("role") is not None:
                 raise PipelineSwitchError("check", f"{m.role} is already a pipeline {pipe['role']}")
-            if info["running"] or info["waiting"]:
+            if m is fol and (info["running"] or info["waiting"]):
                 raise PipelineSwitchError(
-                    "check", f"{m.role} has {info['running']} running and {info['waiting']} waiting "
-                    "requests; merging in-flight requests is not built, merge idle engines",
+                    "check", f"the follower has {info['running']} running and {info['waiting']} waiting "
+                    "requests; only the leader's requests carry over (move the follower's to the "
+                    "leader first, or pick an idle follower)",
                 )  # fmt: skip
         if infos[0]["pipeline"]["block_size"] != infos[1]["pipeline"]["block_size"]:
             sizes = [i["pipeline"]["block_size"] for i in infos]
@@ -249,6 +259,10 @@ async def merge_pipeline(
             await m.pause("pause")
         paused_at = time.perf_counter()
         stages["pause"] = paused_at - t
+
+        t = time.perf_counter()
+        requeued = await lead.sched({"op": "pipeline_requeue"}, "requeue")
+        stages["requeue"] = time.perf_counter() - t
 
         t = time.perf_counter()
         freed: dict[str, int] = {}
@@ -298,9 +312,11 @@ async def merge_pipeline(
         relayout_seconds: dict[str, float] = {}
         for m in (lead, fol):
             lo, hi = owned[m.role]
-            r = await m.rpc("slofleet_kv_relayout", str(target), str(lo), str(hi), stage="kv-relayout")
-            undo.append(("kv relayout " + m.role, lambda m=m: m.rpc(
-                "slofleet_kv_relayout", str(home[m.role]), "0", str(n), stage="undo")))  # fmt: skip
+            gone = ",".join(requeued["request_ids"]) if m is lead else ""  # their KV is recomputed
+            r = await m.rpc("slofleet_kv_relayout", str(target), str(lo), str(hi), gone,
+                            stage="kv-relayout")  # fmt: skip
+            undo.append(("kv relayout " + m.role, lambda m=m, gone=gone: m.rpc(
+                "slofleet_kv_relayout", str(home[m.role]), "0", str(n), gone, stage="undo")))  # fmt: skip
             kv_bytes[m.role] = (int(r["old_bytes"]), int(r["new_bytes"]))
             relayout_seconds[m.role] = float(r["seconds"])
         stages["kv-relayout"] = time.perf_counter() - t
@@ -351,6 +367,8 @@ async def merge_pipeline(
         kv_gain=int(grown["new_blocks"]) / home["leader"],
         kv_bytes=kv_bytes,
         kv_relayout_seconds=relayout_seconds,
+        requeued=int(requeued["requeued"]),
+        requeued_tokens=int(requeued["requeued_tokens"]),
     )
 
 

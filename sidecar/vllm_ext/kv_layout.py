@@ -189,29 +189,35 @@ class KvLayoutExtension:
             "blocks": fitting_blocks(budget, block_bytes, len(owned)),
         }
 
-    def slofleet_kv_relayout(self, num_blocks: str, lo: str, hi: str) -> dict[str, Any]:
+    def slofleet_kv_relayout(self, num_blocks: str, lo: str, hi: str, requeued: str = "") -> dict[str, Any]:
         """Re-allocate this worker's KV with `num_blocks` blocks for layers [lo, hi) only (all
         layers: back to the startup layout). The engine must be paused and idle with its prefix
         cache reset: block contents are discarded, not copied (see the module docstring).
+        `requeued`: comma-separated ids of requests the scheduler preempted for recompute
+        (`pipeline_requeue`); the worker still holds their state until their next step, but
+        none of their KV is read again, so they do not count as requests whose KV is lost.
 
         Returns `{"ok": true, ...bytes and seconds}`, or `{"ok": false, "error"}` with the old
         layout in place (re-allocated empty if the new allocation failed after the old buffer
         was freed)."""
         start = time.perf_counter()
         try:
-            result = self._slofleet_kv_relayout(int(num_blocks), int(lo), int(hi))
+            discardable = frozenset(r for r in requeued.split(",") if r)
+            result = self._slofleet_kv_relayout(int(num_blocks), int(lo), int(hi), discardable)
         except (KvResizeError, RuntimeError, ValueError, MemoryError) as e:
             return {"ok": False, "protocol": KV_LAYOUT_PROTOCOL, "error": f"{type(e).__name__}: {e}"}
         result["seconds"] = round(time.perf_counter() - start, 6)
         return result
 
-    def _slofleet_kv_relayout(self, num_blocks: int, lo: int, hi: int) -> dict[str, Any]:
+    def _slofleet_kv_relayout(
+        self, num_blocks: int, lo: int, hi: int, requeued: frozenset[str] = frozenset()
+    ) -> dict[str, Any]:
         runner = self.model_runner
         config, layout, _ = self._slofleet_kv_parts()
-        requests = _require(runner, "requests", "GPUModelRunner")
-        if requests:
-            raise KvResizeError(f"the worker holds {len(requests)} requests; their KV would be lost "
-                                "(pause and drain the engine first)")  # fmt: skip
+        held = set(_require(runner, "requests", "GPUModelRunner")) - requeued
+        if held:
+            raise KvResizeError(f"the worker holds {len(held)} requests; their KV would be lost "
+                                "(pause and drain or requeue them first)")  # fmt: skip
         owned = owned_layer_names(config, lo, hi)
         new_config = owned_kv_cache_config(config, owned, num_blocks, layout)
         old_bytes = int(config.kv_cache_tensors[0].size)

@@ -34,6 +34,7 @@ Control ops (JSON lines on the scheduler's control socket, scheduler.py):
     {"op": "pipeline_lead", "host", "port", "token"}            -> {"ok"}
     {"op": "pipeline_leave"}                                     -> {"ok", "published"|"replayed"}
     {"op": "pipeline_blocks", "num_blocks": N}                   -> {"ok", "old_blocks", "new_blocks"}
+    {"op": "pipeline_requeue"}                   -> {"ok", "requeued", "requeued_tokens", "request_ids"}
 and `info` gains a "pipeline" object (role, counters, block_size, home_blocks).
 
 `pipeline_blocks` resizes the BlockPool of an idle engine (issue 10 item 2): merged, each worker
@@ -41,6 +42,10 @@ re-lays its KV for only its own layers, so the same bytes hold more blocks (vllm
 and the leader's pool grows to that count; at the split it shrinks back. It resets the prefix
 cache first (a resize happens at a role change, when cached prefixes name half-written KV anyway)
 and remembers the count before the first resize as `home_blocks`, the count a split restores.
+
+`pipeline_requeue` lets a leader merge with requests in flight (issue 10 item 3, by recompute):
+they give up their KV and resume in the pipeline with the tokens they generated; the leader
+sends each one to its follower as a new request the first time it runs there.
 """
 
 from __future__ import annotations
@@ -54,13 +59,13 @@ import struct
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
 
 from vllm.logger import init_logger
 from vllm.v1.core.sched.interface import PauseState
-from vllm.v1.core.sched.output import SchedulerOutput
+from vllm.v1.core.sched.output import CachedRequestData, NewRequestData, SchedulerOutput
 from vllm.v1.engine import EngineCoreRequestType
 
 from slofleet.sidecar.vllm_ext.internals import require
@@ -105,6 +110,7 @@ class _Follow:
 @dataclass(slots=True)
 class _Lead:
     conn: socket.socket
+    known: set[str] = field(default_factory=set)  # requests the follower's worker holds
     published: int = 0
     published_bytes: int = 0
     publish_seconds: float = 0.0
@@ -251,24 +257,74 @@ class PipelineSchedulerMixin:
         """Send one output; a failure raises in the engine thread (the leader cannot run its
         steps without the follower's layers, so a lost follower must stop it, loudly)."""
         start = time.perf_counter()
-        payload = pickle.dumps((lead.published + 1, output), protocol=pickle.HIGHEST_PROTOCOL)
+        for_follower = self._slofleet_for_follower(lead, output)
+        payload = pickle.dumps((lead.published + 1, for_follower), protocol=pickle.HIGHEST_PROTOCOL)
         lead.conn.sendall(_FRAME.pack(len(payload)) + payload)
+        lead.known.difference_update(output.finished_req_ids)
+        lead.known.update(r.req_id for r in for_follower.scheduled_new_reqs)
         lead.published += 1
         lead.published_bytes += len(payload)
         lead.publish_seconds += time.perf_counter() - start
 
+    def _slofleet_for_follower(self, lead: _Lead, output: SchedulerOutput) -> SchedulerOutput:
+        """The output as the follower's worker must see it. A request the leader requeued at the
+        merge (`pipeline_requeue`) comes back as resumed-from-preemption, which a worker only
+        understands for a request it already holds; the follower never saw it, so it is sent as
+        a new request there, with every token so far as its prompt (the follower's input ids
+        are never embedded: its layers take the leader's hidden states)."""
+        cached = output.scheduled_cached_reqs
+        unknown = [i for i, rid in enumerate(cached.req_ids) if rid not in lead.known]
+        if not unknown:
+            return output
+        requests = _require(self, "requests", "Scheduler")
+        converted = []
+        for i in unknown:
+            rid = cached.req_ids[i]
+            blocks = cached.new_block_ids[i]
+            if rid not in cached.resumed_req_ids or blocks is None:
+                raise RuntimeError(
+                    f"slofleet pipeline: request {rid} runs on the leader but its follower never received "
+                    "it, and it is not resuming with all its blocks: it was not requeued at the merge"
+                )
+            request = requests[rid]
+            tokens = cached.all_token_ids.get(rid) or list(request.all_token_ids)
+            converted.append(NewRequestData(
+                req_id=rid, prompt_token_ids=list(tokens), mm_features=[],
+                sampling_params=request.sampling_params, pooling_params=request.pooling_params,
+                block_ids=blocks, num_computed_tokens=cached.num_computed_tokens[i],
+                lora_request=request.lora_request,
+            ))  # fmt: skip
+        keep = [i for i in range(len(cached.req_ids)) if i not in set(unknown)]
+        moved = {cached.req_ids[i] for i in unknown}
+        rest = CachedRequestData(
+            req_ids=[cached.req_ids[i] for i in keep],
+            resumed_req_ids=cached.resumed_req_ids - moved,
+            new_token_ids=[cached.new_token_ids[i] for i in keep] if cached.new_token_ids else [],
+            all_token_ids={k: v for k, v in cached.all_token_ids.items() if k not in moved},
+            new_block_ids=[cached.new_block_ids[i] for i in keep],
+            num_computed_tokens=[cached.num_computed_tokens[i] for i in keep],
+            num_output_tokens=[cached.num_output_tokens[i] for i in keep],
+        )
+        return replace(
+            output, scheduled_new_reqs=[*output.scheduled_new_reqs, *converted], scheduled_cached_reqs=rest
+        )
+
     # --- control ops (socket thread; the engine is paused, so schedule() is not running) ------
-    def _slofleet_require_quiet(self, what: str) -> None:
+    def _slofleet_require_quiet(self, what: str, *, finished_ok: bool = False) -> None:
+        """Only a paused scheduler with no request holding KV may switch roles or resize its
+        pool. `finished_ok`: ids of requests that finished in the last step before the pause
+        (their blocks are already free; the next output tells the workers) are no obstacle for
+        the leader, whose next output its follower tolerates them in."""
         if self.pause_state != PauseState.PAUSED_ALL:
             raise PipelineOpError(f"{what}: the scheduler is {self.pause_state.name}, not PAUSED_ALL; "
                                   "pause the engine with /pause?mode=keep first")  # fmt: skip
         running, waiting = self.get_request_counts()  # type: ignore[attr-defined]
         holding = len(_require(self, "kv_holding_waiting", "Scheduler"))
-        finished = bool(_require(self, "finished_req_ids", "Scheduler"))
+        finished = bool(_require(self, "finished_req_ids", "Scheduler")) and not finished_ok
         if running or holding or finished:
             raise PipelineOpError(
                 f"{what}: the engine holds requests (running {running}, waiting with KV {holding}, "
-                f"finished not yet flushed {finished}); drain it first (in-flight merge is not built)"
+                f"finished not yet flushed {finished}); requeue (leader) or drain (follower) it first"
             )
         del waiting  # queued requests without KV are fine: they run after the switch
 
@@ -304,6 +360,8 @@ class PipelineSchedulerMixin:
             return self._slofleet_lead_op(str(command["host"]), int(command["port"]), str(command["token"]))
         if op == "pipeline_leave":
             return self._slofleet_leave_op()
+        if op == "pipeline_requeue":
+            return self._slofleet_requeue_op()
         if op == "pipeline_blocks":
             value = command.get("num_blocks")
             if not isinstance(value, int) or isinstance(value, bool):
@@ -338,7 +396,7 @@ class PipelineSchedulerMixin:
         with self._slofleet_lock:
             if self._slofleet_follow is not None or self._slofleet_lead is not None:
                 raise PipelineOpError("pipeline_lead: already in a pipeline; leave it first")
-            self._slofleet_require_quiet("pipeline_lead")
+            self._slofleet_require_quiet("pipeline_lead", finished_ok=True)
             try:
                 conn = socket.create_connection((host, port), timeout=10.0)
                 conn.sendall(_HELLO.pack(_MAGIC, token.encode()))
@@ -392,12 +450,35 @@ class PipelineSchedulerMixin:
             return {"ok": True, "role": ROLE_FOLLOWER, "replayed": follow.replayed,
                     "received": follow.received}  # fmt: skip
 
+    def _slofleet_requeue_op(self) -> dict[str, Any]:
+        """Before a merge: every running request gives up its KV and waits to be recomputed, with
+        the tokens it generated kept (vLLM's own preemption, `reset_prefix_cache(
+        reset_running_requests=True)`). Its KV lives in all layers of this engine, while in the
+        pipeline half of them run on the follower; recomputing it there costs one prefill per
+        request, and the requests need no KV copy between engines."""
+        with self._slofleet_lock:
+            if self.pause_state != PauseState.PAUSED_ALL:
+                raise PipelineOpError(f"pipeline_requeue: the scheduler is {self.pause_state.name}, not "
+                                      "PAUSED_ALL; pause the engine with /pause?mode=keep first")  # fmt: skip
+            if self._slofleet_follow is not None or self._slofleet_lead is not None:
+                raise PipelineOpError("pipeline_requeue: already in a pipeline; only a merge requeues")
+            if _require(self, "kv_holding_waiting", "Scheduler"):
+                raise PipelineOpError("pipeline_requeue: requests wait with KV loading from a connector")
+            running = list(_require(self, "running", "Scheduler"))
+            tokens = sum(r.num_computed_tokens for r in running)
+            if not self.reset_prefix_cache(reset_running_requests=True):  # type: ignore[attr-defined]
+                raise PipelineOpError("pipeline_requeue: vLLM could not free the running requests' KV")
+        logger.info("slofleet pipeline: requeued %d running requests (%d computed tokens) for recompute",
+                    len(running), tokens)  # fmt: skip
+        return {"ok": True, "requeued": len(running), "requeued_tokens": tokens,
+                "request_ids": [r.request_id for r in running]}  # fmt: skip
+
     def _slofleet_blocks_op(self, num_blocks: int) -> dict[str, Any]:
         """Resize the idle BlockPool to `num_blocks` (the workers' KV must hold that many first
         when growing; the workers shrink after this when shrinking)."""
         start = time.perf_counter()
         with self._slofleet_lock:
-            self._slofleet_require_quiet("pipeline_blocks")
+            self._slofleet_require_quiet("pipeline_blocks", finished_ok=True)
             self._slofleet_reset_prefix_cache("pipeline_blocks")
             old_blocks, free = self._slofleet_resize_pool(num_blocks, allow_shrink=True)  # type: ignore[attr-defined]
             if self._slofleet_home_blocks is None:
