@@ -172,6 +172,17 @@ class Gateway:
         stats = self.runner.stats
         now = time.time()
         first = stats["earliest_deadline"]
+        assert self.relay is not None
+        # The requests on each instance, by the id the move route takes: what a migration or
+        # merge controller outside the gateway needs to choose and move them, queued ones included
+        # (a stream's X-Request-Id header only arrives with its first token).
+        on: dict[str, list[dict[str, object]]] = {}
+        for rid, st in self.relay.active.items():
+            if st.instance is not None and not st.finish_reason:
+                on.setdefault(st.instance.instance_id, []).append({
+                    "request_id": rid, "priority": st.priority, "prompt_tokens": st.placement.prompt_tokens,
+                    "max_tokens": st.placement.max_tokens, "generated_tokens": len(st.token_ids),
+                })  # fmt: skip
         instances = []
         for inst in self.pool.instances.values():
             load = inst.load()
@@ -183,6 +194,7 @@ class Gateway:
                     "in_flight": load.in_flight,
                     "concurrency_limit": load.concurrency_limit,
                     "kv_free_blocks": load.kv_free_blocks,
+                    "requests": on.get(inst.instance_id, []),
                 }
             )
         return _json(

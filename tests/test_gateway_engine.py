@@ -468,6 +468,10 @@ def test_move_mid_stream_keeps_the_token_sequence(
         def move(n: int, headers: httpx.Headers, answers: list[int] = answers) -> None:
             if n == 2:
                 rid, here = headers["X-Request-Id"], headers["X-Slofleet-Instance"]
+                # The status lists it on its instance (a move controller picks requests from there).
+                listed = httpx.get(gateway.url + "/slofleet/v1/status").json()["instances"]
+                on = {i["instance_id"]: [r["request_id"] for r in i["requests"]] for i in listed}
+                assert rid in on[here], on
                 other = next(
                     f"127.0.0.1:{s.port}" for s in engines.servers if not here.endswith(f":{s.port}")
                 )
