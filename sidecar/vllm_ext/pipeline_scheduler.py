@@ -470,8 +470,14 @@ class PipelineSchedulerMixin:
                 raise PipelineOpError("pipeline_requeue: vLLM could not free the running requests' KV")
         logger.info("slofleet pipeline: requeued %d running requests (%d computed tokens) for recompute",
                     len(running), tokens)  # fmt: skip
-        return {"ok": True, "requeued": len(running), "requeued_tokens": tokens,
-                "request_ids": [r.request_id for r in running]}  # fmt: skip
+        # What the worker may still hold and no one reads the KV of again: every request the
+        # scheduler has (none holds a block now: the running were requeued, the waiting, vLLM's
+        # own preemptions included, hold none), and those that finished in the step before the
+        # pause (the next output tells the worker).
+        held = sorted(
+            {*_require(self, "requests", "Scheduler"), *_require(self, "finished_req_ids", "Scheduler")}
+        )
+        return {"ok": True, "requeued": len(running), "requeued_tokens": tokens, "request_ids": held}
 
     def _slofleet_blocks_op(self, num_blocks: int) -> dict[str, Any]:
         """Resize the idle BlockPool to `num_blocks` (the workers' KV must hold that many first
