@@ -19,6 +19,7 @@ penalties see the earlier output as prompt; greedy and unseeded sampling are una
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -131,6 +132,7 @@ class Relay:
         self.metrics = metrics
         self.max_resumes = max_resumes
         self.active: dict[str, RequestState] = {}
+        self._aborts: set[asyncio.Task[None]] = set()
         self._ttft = {c: metrics.ttft.labels(c.value) for c in RequestClass}
         self._itl = {c: metrics.itl.labels(c.value) for c in RequestClass}
 
@@ -210,10 +212,29 @@ class Relay:
                 state is not None and state.instance is target,
             )  # fmt: skip
             return False
+        source, engine_id = state.instance, state.engine_request_id
         self._place_move(state, target)
         if state.upstream is not None:
             state.upstream.close()
+        # vLLM notices a closed stream only when it next has output for it: a request still queued
+        # there (no token yet) would keep its place and KV until then. Abort it by id now.
+        task = asyncio.create_task(self._abort_on(source, engine_id))
+        self._aborts.add(task)
+        task.add_done_callback(self._aborts.discard)
         return True
+
+    async def _abort_on(self, inst: Instance, engine_request_id: str) -> None:
+        try:
+            async with self.session.post(
+                inst.url + "/abort_requests", json={"request_ids": [engine_request_id]},
+                timeout=aiohttp.ClientTimeout(total=10),
+            ) as resp:  # fmt: skip
+                if resp.status != 200:
+                    log.info("request_id=%s event=abort_on_move_refused instance=%s status=%d",
+                             engine_request_id, inst.instance_id, resp.status)  # fmt: skip
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            log.info("request_id=%s event=abort_on_move_failed instance=%s error=%r",
+                     engine_request_id, inst.instance_id, exc)  # fmt: skip
 
     def _place_move(self, state: RequestState, target: Instance) -> None:
         state.placement.generated_tokens = len(state.token_ids)
