@@ -48,7 +48,12 @@ MODES = ("live", "stop-and-copy", "recompute")
 
 
 async def one(
-    session: aiohttp.ClientSession, nodes: dict[str, Node], model: str, length: int, mode: str, seed: int,
+    session: aiohttp.ClientSession,
+    nodes: dict[str, Node],
+    model: str,
+    length: int,
+    mode: str,
+    seed: int,
     decode_tokens: int,
 ) -> tuple[float, float, str]:
     a, b = nodes["a"], nodes["b"]
@@ -60,9 +65,18 @@ async def one(
     # prefilled prompt there, which the measurement does not include anyway.
     async with session.post(b.url + "/reset_prefix_cache") as r:
         r.raise_for_status()
-    gen = asyncio.create_task(generate_following_moves(
-        session, nodes, a, model, prompt, decode_tokens, rid, recompute_on=b,
-    ))
+    gen = asyncio.create_task(
+        generate_following_moves(
+            session,
+            nodes,
+            a,
+            model,
+            prompt,
+            decode_tokens,
+            rid,
+            recompute_on=b,
+        )
+    )
     await wait_engine_tokens(a, rid, 8, gen)
     t0 = time.perf_counter()
     if mode == "recompute":
@@ -76,9 +90,11 @@ async def one(
         total = time.perf_counter() - t0
         result = await gen
         last = progress[-1]
-        note = f"{pb.MigrationOutcome.Name(last.outcome).removeprefix('MIGRATION_OUTCOME_').lower()} " \
-               f"stages={max(p.stage for p in progress)} blocks={last.blocks_copied} " \
-               f"MiB={last.bytes_copied / 2**20:.1f} stop={last.stop_seconds * 1000:.0f}ms"
+        note = (
+            f"{pb.MigrationOutcome.Name(last.outcome).removeprefix('MIGRATION_OUTCOME_').lower()} "
+            f"stages={max(p.stage for p in progress)} blocks={last.blocks_copied} "
+            f"MiB={last.bytes_copied / 2**20:.1f} stop={last.stop_seconds * 1000:.0f}ms"
+        )
     gaps = result.gaps()
     if len(result.legs) != 2 or not gaps:
         raise RuntimeError(f"{mode} {length}: expected one move, got legs {[g.url for g in result.legs]}")
@@ -129,8 +145,11 @@ async def main(args: argparse.Namespace) -> int:
                             raise RuntimeError(f"{mode} {length}: no run moved the request in 3 tries")
                         runs.append(run)
                         d, t, note = runs[-1]
-                        print(f"  measured {length:>5} {mode:<14} downtime {d * 1000:8.1f} ms  total "
-                              f"{t * 1000:8.1f} ms  {note}", flush=True)
+                        print(
+                            f"  measured {length:>5} {mode:<14} downtime {d * 1000:8.1f} ms  total "
+                            f"{t * 1000:8.1f} ms  {note}",
+                            flush=True,
+                        )
                     runs.sort()
                     rows[(length, mode)] = runs[len(runs) // 2]
                     best[(length, mode)] = runs[0][0]
@@ -140,22 +159,28 @@ async def main(args: argparse.Namespace) -> int:
         a.stop()
         b.stop()
     print(f"\nmodel {args.size} ({model}), engines: vLLM CPU build, 2 cores shared; block 128 tokens")
-    print(f"{'seq len':>7} | {'mode':<14} | {'downtime ms':>11} | {'best ms':>8} | {'total ms':>9} | "
-          f"{'vs recompute':>12} | {'vs 256':>7}")
+    print(
+        f"{'seq len':>7} | {'mode':<14} | {'downtime ms':>11} | {'best ms':>8} | {'total ms':>9} | "
+        f"{'vs recompute':>12} | {'vs 256':>7}"
+    )
     print("-" * 88)
     for length in lengths:
         rec = rows[(length, "recompute")][0]
         for mode in MODES:
             d, t, _ = rows[(length, mode)]
             base = rows[(lengths[0], mode)][0]
-            print(f"{length:>7} | {mode:<14} | {d * 1000:>11.1f} | {best[(length, mode)] * 1000:>8.1f} | "
-                  f"{t * 1000:>9.1f} | {rec / d:>11.1f}x | {d / base:>6.2f}x")
+            print(
+                f"{length:>7} | {mode:<14} | {d * 1000:>11.1f} | {best[(length, mode)] * 1000:>8.1f} | "
+                f"{t * 1000:>9.1f} | {rec / d:>11.1f}x | {d / base:>6.2f}x"
+            )
     if 4096 in lengths and 8192 in lengths and lengths[0] == 256:
         for name, table in (("median", {k: v[0] for k, v in rows.items()}), ("best", best)):
             flat = table[(8192, "live")] / table[(256, "live")]
             gain = table[(4096, "recompute")] / table[(4096, "live")]
-            print(f"{name:>6}: live downtime 8k/256 = {flat:.2f}x (target <= 1.5x); recompute/live at 4k = "
-                  f"{gain:.1f}x (target >= 10x)")
+            print(
+                f"{name:>6}: live downtime 8k/256 = {flat:.2f}x (target <= 1.5x); recompute/live at 4k = "
+                f"{gain:.1f}x (target >= 10x)"
+            )
     return 0
 
 

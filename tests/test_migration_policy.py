@@ -27,22 +27,41 @@ def req(rid: str, prompt: int, generated: int = 0, priority: int = 0, max_tokens
 
 
 def inst(
-    iid: str, requests: list[RequestInfo], *, running: int | None = None, draining: bool = False,
-    healthy: bool = True, total: int = TOTAL, high_priority_below: int = 0,
+    iid: str,
+    requests: list[RequestInfo],
+    *,
+    running: int | None = None,
+    draining: bool = False,
+    healthy: bool = True,
+    total: int = TOTAL,
+    high_priority_below: int = 0,
 ) -> InstanceLoad:
     """An instance whose engine numbers agree with its requests, freeness as the sidecar computes it."""
     n_run = len(requests) if running is None else running
     run = requests[:n_run]
     used = sum(-(-(r.prompt_tokens + r.generated_tokens) // BLOCK) for r in run)
     f = compute_freeness(
-        total_blocks=total, used_blocks=used, running_requests=n_run, block_size_tokens=BLOCK,
-        requests=requests, draining=draining, high_priority_below=high_priority_below,
+        total_blocks=total,
+        used_blocks=used,
+        running_requests=n_run,
+        block_size_tokens=BLOCK,
+        requests=requests,
+        draining=draining,
+        high_priority_below=high_priority_below,
     )
     return InstanceLoad(
-        instance_id=iid, running_requests=n_run, waiting_requests=len(requests) - n_run,
-        kv_usage_fraction=used / total, kv_total_blocks=total, kv_free_blocks=total - used,
-        block_size_tokens=BLOCK, concurrency_limit=256, draining=draining, healthy=healthy,
-        freeness=f.freeness, requests=tuple(requests),
+        instance_id=iid,
+        running_requests=n_run,
+        waiting_requests=len(requests) - n_run,
+        kv_usage_fraction=used / total,
+        kv_total_blocks=total,
+        kv_free_blocks=total - used,
+        block_size_tokens=BLOCK,
+        concurrency_limit=256,
+        draining=draining,
+        healthy=healthy,
+        freeness=f.freeness,
+        requests=tuple(requests),
     )
 
 
@@ -113,8 +132,13 @@ def fleets(draw: st.DrawFn) -> list[InstanceLoad]:
     for i in range(n):
         k = draw(st.integers(0, 8))
         reqs = [
-            req(f"i{i}r{j}", draw(st.integers(1, 3000)), draw(st.integers(0, 500)),
-                draw(st.sampled_from([-1, 0, 3])), draw(st.integers(1, 2000)))
+            req(
+                f"i{i}r{j}",
+                draw(st.integers(1, 3000)),
+                draw(st.integers(0, 500)),
+                draw(st.sampled_from([-1, 0, 3])),
+                draw(st.integers(1, 2000)),
+            )
             for j in range(k)
         ]
         running = draw(st.integers(0, k))
@@ -122,15 +146,25 @@ def fleets(draw: st.DrawFn) -> list[InstanceLoad]:
         used = sum(-(-(r.prompt_tokens + r.generated_tokens) // BLOCK) for r in reqs[:running])
         if used > total:
             total = used + draw(st.integers(0, 50))
-        out.append(inst(f"i{i}", reqs, running=running, draining=draw(st.booleans()) and i > 0,
-                        healthy=draw(st.integers(0, 9)) > 0, total=total))
+        out.append(
+            inst(
+                f"i{i}",
+                reqs,
+                running=running,
+                draining=draw(st.booleans()) and i > 0,
+                healthy=draw(st.integers(0, 9)) > 0,
+                total=total,
+            )
+        )
     return out
 
 
 configs = st.builds(
     MigrationConfig,
-    out_threshold=st.floats(-50, 200), in_threshold=st.floats(-50, 300),
-    strategy=st.sampled_from(list(Strategy)), max_migrations=st.integers(0, 8),
+    out_threshold=st.floats(-50, 200),
+    in_threshold=st.floats(-50, 300),
+    strategy=st.sampled_from(list(Strategy)),
+    max_migrations=st.integers(0, 8),
     high_priority_below=st.sampled_from([0, 1]),
 )
 
@@ -173,8 +207,9 @@ def test_load_balancing_moves_shrink_the_gap(loads: list[InstanceLoad], cfg: Mig
         touched |= {m.source, m.destination}
         if m.reason is Reason.DRAIN or not fresh:  # later moves see the round's earlier ones
             continue
-        s, d = _working(next(x for x in loads if x.instance_id == m.source)), _working(
-            next(x for x in loads if x.instance_id == m.destination)
+        s, d = (
+            _working(next(x for x in loads if x.instance_id == m.source)),
+            _working(next(x for x in loads if x.instance_id == m.destination)),
         )
         before = d.freeness() - s.freeness()
         after = d.freeness_after(m.blocks, 1) - s.freeness_after(-m.blocks, -1)
