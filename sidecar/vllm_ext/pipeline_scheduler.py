@@ -294,8 +294,8 @@ class PipelineSchedulerMixin:
                 block_ids=blocks, num_computed_tokens=cached.num_computed_tokens[i],
                 lora_request=request.lora_request,
             ))  # fmt: skip
-        keep = [i for i in range(len(cached.req_ids)) if i not in set(unknown)]
         moved = {cached.req_ids[i] for i in unknown}
+        keep = [i for i, rid in enumerate(cached.req_ids) if rid not in moved]
         rest = CachedRequestData(
             req_ids=[cached.req_ids[i] for i in keep],
             resumed_req_ids=cached.resumed_req_ids - moved,
@@ -310,14 +310,17 @@ class PipelineSchedulerMixin:
         )
 
     # --- control ops (socket thread; the engine is paused, so schedule() is not running) ------
+    def _slofleet_require_paused(self, what: str) -> None:
+        if self.pause_state != PauseState.PAUSED_ALL:
+            raise PipelineOpError(f"{what}: the scheduler is {self.pause_state.name}, not PAUSED_ALL; "
+                                  "pause the engine with /pause?mode=keep first")  # fmt: skip
+
     def _slofleet_require_quiet(self, what: str, *, finished_ok: bool = False) -> None:
         """Only a paused scheduler with no request holding KV may switch roles or resize its
         pool. `finished_ok`: ids of requests that finished in the last step before the pause
         (their blocks are already free; the next output tells the workers) are no obstacle for
         the leader, whose next output its follower tolerates them in."""
-        if self.pause_state != PauseState.PAUSED_ALL:
-            raise PipelineOpError(f"{what}: the scheduler is {self.pause_state.name}, not PAUSED_ALL; "
-                                  "pause the engine with /pause?mode=keep first")  # fmt: skip
+        self._slofleet_require_paused(what)
         running, waiting = self.get_request_counts()  # type: ignore[attr-defined]
         holding = len(_require(self, "kv_holding_waiting", "Scheduler"))
         finished = bool(_require(self, "finished_req_ids", "Scheduler")) and not finished_ok
@@ -457,9 +460,7 @@ class PipelineSchedulerMixin:
         pipeline half of them run on the follower; recomputing it there costs one prefill per
         request, and the requests need no KV copy between engines."""
         with self._slofleet_lock:
-            if self.pause_state != PauseState.PAUSED_ALL:
-                raise PipelineOpError(f"pipeline_requeue: the scheduler is {self.pause_state.name}, not "
-                                      "PAUSED_ALL; pause the engine with /pause?mode=keep first")  # fmt: skip
+            self._slofleet_require_paused("pipeline_requeue")
             if self._slofleet_follow is not None or self._slofleet_lead is not None:
                 raise PipelineOpError("pipeline_requeue: already in a pipeline; only a merge requeues")
             if _require(self, "kv_holding_waiting", "Scheduler"):
