@@ -9,7 +9,7 @@ templated into the ids); the client sees one unbroken stream with no token twice
 Live migration cuts over on the same path: the source's sidecar stops the request on its engine
 (the stream ends with finish_reason "abort"), the relay asks that sidecar's `ResolveMigration`
 where it went and resumes there with the `kv_transfer_params` naming the copied KV (only the last
-partial block is recomputed), or by recompute anywhere if the copy failed. A stop that no
+token is computed), or by recompute anywhere if the copy failed. A stop that no
 migration explains reaches the client as the engine's abort. Static mode has no sidecars and no
 cut-over: an engine's abort is relayed as is. `move()` is the same cut-over without a KV copy.
 

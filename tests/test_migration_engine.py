@@ -2,9 +2,9 @@
 
 What is proven: a request moved while it decodes (once, twice, by blocking stop-and-copy) produces
 exactly the greedy tokens of an unmigrated run with no token missing or repeated; the destination
-computes only the tail (vLLM's prompt_tokens_by_source: the copied prefix arrives as
-external_kv_transfer, local compute is below one block); and failures before the stop leave the
-request running on the source, counted by outcome.
+computes only the last token (vLLM's prompt_tokens_by_source: everything the source computed,
+its partial last block too, arrives as external_kv_transfer; local compute is one token); and
+failures before the stop leave the request running on the source, counted by outcome.
 
 fp32 weights: bf16 re-prefill drifts from the decode's numerics after a few dozen tokens on the
 random model, for recompute and KV load alike, which would hide what the KV path does.
@@ -80,7 +80,7 @@ def outcome(progress: list[pb.MigrationProgress]) -> str:
     return pb.MigrationOutcome.Name(progress[-1].outcome)
 
 
-async def test_live_migration_is_exact_and_computes_only_the_tail(
+async def test_live_migration_is_exact_and_computes_only_the_last_token(
     nodes: dict[str, Node], session: aiohttp.ClientSession, model: str
 ) -> None:
     a, b = nodes["a"], nodes["b"]
@@ -102,13 +102,14 @@ async def test_live_migration_is_exact_and_computes_only_the_tail(
     moved_prompt = len(prompt) + len(result.legs[0].tokens)
     loaded = after["external_kv_transfer"] - before.get("external_kv_transfer", 0)
     computed = after["local_compute"] - before.get("local_compute", 0)
-    # Every whole block before the last prompt token came over; vLLM computed only the rest.
-    assert loaded == (moved_prompt - 1) // BLOCK * BLOCK
-    assert computed == moved_prompt - loaded <= BLOCK
+    # Every token the source had computed came over, its last partial block too: vLLM computed
+    # only the last token (the one the source sampled but had not run yet).
+    assert loaded == moved_prompt - 1
+    assert computed == 1
     # Pre-copy moved most blocks while the request was still decoding on the source.
     stages = [p for p in progress if p.stage > 0]
     assert stages and stages[0].blocks_copied >= (len(prompt) + 300) // BLOCK - 1
-    assert progress[-1].blocks_copied == loaded // BLOCK
+    assert progress[-1].blocks_copied == -(-loaded // BLOCK)
 
 
 async def test_migrated_twice_and_stop_and_copy_are_exact(

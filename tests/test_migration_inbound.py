@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 from prometheus_client import CollectorRegistry
 
 from slofleet.api.v1 import migration_pb2 as pb
@@ -63,3 +65,40 @@ async def test_a_committed_segment_counts_until_the_engine_removes_it(tmp_path: 
     await asyncio.to_thread(path.unlink)  # what the engine's connector does when the resumed request ends
     again = await service.AcceptMigration(accept("m3", 100), None)  # type: ignore[arg-type]
     assert again.accepted, again.reason
+
+
+async def chunks(mid: str, blocks: int) -> AsyncIterator[pb.KVChunk]:
+    data = bytes(blocks * LAYOUT.block_bytes)
+    yield pb.KVChunk(migration_id=mid, first_block=0, num_blocks=blocks, data=data)
+
+
+class AbortingContext:
+    """What grpc.aio's context does on abort: the handler stops with the status."""
+
+    async def abort(self, code: Any, details: str) -> None:
+        raise RuntimeError(f"{code.name}: {details}")
+
+
+async def test_a_commit_takes_a_partial_last_block_and_names_a_wrong_token_count(tmp_path: Path) -> None:
+    service = MigrationService(
+        ConnectorAnswers(),  # type: ignore[arg-type]
+        shm_dir=tmp_path,
+        metrics=MigrationMetrics(CollectorRegistry()),
+        max_inbound_bytes=1000 * LAYOUT.block_bytes,
+    )
+    context: Any = AbortingContext()
+    block = LAYOUT.block_size
+    counts = {"short": 2 * block, "long": 3 * block + 1, "partial": 2 * block + 5}
+    for mid in counts:
+        assert (await service.AcceptMigration(accept(mid, 10), context)).accepted
+        await service.PushKV(chunks(mid, 3), context)
+    for mid in ("short", "long"):
+        commit = pb.CommitMigrationRequest(migration_id=mid, valid_blocks=3, token_ids=[1] * counts[mid])
+        with pytest.raises(RuntimeError, match=r"INVALID_ARGUMENT: token_ids: \d+ for 3 blocks of 16 tokens"):
+            await service.CommitMigration(commit, context)
+    tokens = list(range(counts["partial"]))
+    reply = await service.CommitMigration(
+        pb.CommitMigrationRequest(migration_id="partial", valid_blocks=3, token_ids=tokens), context
+    )
+    path = json.loads(reply.kv_transfer_params_json)["slofleet_migration"]["segment"]
+    assert seg.read_header(path)["token_ids"] == tokens

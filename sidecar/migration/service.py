@@ -6,8 +6,9 @@ exports the blocks the request completed since stage k-1 while it keeps decoding
 once a stage moved at most `cutover_blocks` new blocks (or after `max_stages`) the source stops the
 request (its blocks held by the connector), pushes the last blocks and commits. The gateway, whose
 stream from the source just ended, asks `ResolveMigration` where to resume: on the destination
-with `kv_transfer_params` naming the segment, so the engine there computes only the last partial
-block. `max_stages=0` is blocking stop-and-copy (the benchmark's baseline).
+with `kv_transfer_params` naming the segment, so the engine there computes only the last token
+(the tail copy includes the partial last block). `max_stages=0` is blocking stop-and-copy (the
+benchmark's baseline).
 
 Every exit is an outcome: before the stop, a failure leaves the request running on the source
 (REJECTED, SOURCE_FINISHED, SOURCE_LOST, PEER_FAILED); after it, the gateway resumes by recompute
@@ -450,10 +451,14 @@ class MigrationService(pb_grpc.MigrationServicer):
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"valid_blocks {request.valid_blocks} > blocks received {inbound.received_blocks}",
             )
-        if len(request.token_ids) != request.valid_blocks * inbound.layout.block_size:
+        # The last block may be partial: the source's final copy ends at its last computed token.
+        block, n = inbound.layout.block_size, len(request.token_ids)
+        lowest = max(0, (request.valid_blocks - 1) * block + 1) if request.valid_blocks else 0
+        if not lowest <= n <= request.valid_blocks * block:
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
-                f"token_ids: {len(request.token_ids)} for {request.valid_blocks} blocks",
+                f"token_ids: {n} for {request.valid_blocks} blocks of {block} tokens "
+                f"(expected {lowest} to {request.valid_blocks * block})",
             )
         header = seg.read_header(inbound.path)
         header.update(valid_blocks=request.valid_blocks, token_ids=list(request.token_ids))

@@ -17,9 +17,10 @@ sidecar aborts it, the last blocks are copied (`final`) before vLLM frees them.
 
 Destination side: a request whose body carries
 `kv_transfer_params: {"slofleet_migration": {"segment": PATH}}` (prompt = original prompt + tokens
-generated so far) gets its block-aligned prefix loaded from that segment instead of computed; the
-tokens stored with the blocks must equal the prompt's, and the block layout and dtype must equal
-this engine's, or nothing is loaded. vLLM then computes only the last partial block.
+generated so far) gets every token the source had computed loaded from that segment instead of
+computed (the source's final copy includes its last, partial block); loading stops at the first
+stored token that differs from the prompt, and the block layout and dtype must equal this
+engine's, or nothing is loaded. vLLM then computes only the last token, whatever the length.
 
 Counters (`slofleet_kv_*` in the control socket's `stats`) and vLLM's own
 `prompt_tokens_by_source{source="external_kv_transfer"}` show what was loaded.
@@ -302,21 +303,14 @@ class SlofleetMigrationConnector(KVConnectorBase_V1):
             return 0, False
         prompt = list(request.prompt_token_ids or [])
         stored = header.get("token_ids", [])
-        # vLLM must compute at least the last prompt token, and loads whole blocks only.
-        limit = min(int(header.get("valid_blocks", 0)), (len(prompt) - 1) // self._block_size)
-        hit_blocks = 0
-        while hit_blocks < limit:
-            lo, hi = hit_blocks * self._block_size, (hit_blocks + 1) * self._block_size
-            if stored[lo:hi] != prompt[lo:hi]:
-                break
-            hit_blocks += 1
-        if hit_blocks < limit:
+        # vLLM must compute at least the last prompt token; the stored KV may end inside a block.
+        valid = min(len(stored), int(header.get("valid_blocks", 0)) * self._block_size)
+        limit = min(valid, len(prompt) - 1)
+        hit = next((i for i in range(limit) if stored[i] != prompt[i]), limit)
+        if hit < limit:
             logger.warning(
-                "request %s: stored tokens differ from the prompt after block %d",
-                request.request_id,
-                hit_blocks,
+                "request %s: stored tokens differ from the prompt at token %d", request.request_id, hit
             )
-        hit = hit_blocks * self._block_size
         self._load_plans[request.request_id] = (path, hit)
         self._local_hits[request.request_id] = num_computed_tokens
         return max(0, hit - num_computed_tokens), False
@@ -329,8 +323,9 @@ class SlofleetMigrationConnector(KVConnectorBase_V1):
         path, _ = self._load_plans.pop(request.request_id)
         local = self._local_hits.pop(request.request_id, 0)
         first = local // self._block_size
-        count = num_external_tokens // self._block_size
-        block_ids = list(blocks.get_block_ids()[0][first : first + count])
+        end = -(-(local + num_external_tokens) // self._block_size)
+        count = end - first
+        block_ids = list(blocks.get_block_ids()[0][first:end])
         with self._lock:
             self._next_task += 1
             self._loads[request.request_id] = CopyTask(
@@ -359,32 +354,45 @@ class SlofleetMigrationConnector(KVConnectorBase_V1):
         return meta
 
     def _plan_export(self, export: _Export, out: SchedulerOutput) -> CopyTask | None:
-        """Blocks complete after this step's forward, from `first_block` on; None if nothing to copy."""
+        """The blocks to copy from `first_block` on; None if nothing to copy."""
         rid = export.request_id
         if export.final:
+            # The request has stopped: its last, partial block is final too. Copying it lets the
+            # destination load every computed token and compute only the last one, whatever the
+            # sequence length (vLLM takes a load that ends inside a block).
             held = self._held[rid]
-            n_full = held.num_computed_tokens // self._block_size
-            block_ids, tokens, status = held.block_ids, held.token_ids, held.status
-        else:
-            req = self._requests.get(rid)
-            if req is None or not req.status.name == "RUNNING":
-                reason = "finished" if req is None else req.status.name.lower()
-                export.result = {"error": f"request is {reason}", "state": reason}
-                export.done.set()
-                return None
-            n_full = (req.num_computed_tokens + out.num_scheduled_tokens.get(rid, 0)) // self._block_size
-            assert self._kv_cache_manager is not None
-            block_ids = list(self._kv_cache_manager.get_block_ids(rid)[0])
-            tokens, status = list(req.all_token_ids), "running"
+            valid = min(held.num_computed_tokens, len(held.token_ids))
+            n_blocks = min(-(-valid // self._block_size), len(held.block_ids))
+            first = export.first_block
+            export.result = {
+                "blocks": max(n_blocks, first),
+                "copied_blocks": max(0, n_blocks - first),
+                "token_ids": held.token_ids[first * self._block_size : valid],
+                "state": held.status,
+            }
+            self._next_task += 1
+            return CopyTask(
+                self._next_task, export.segment, held.block_ids[first:n_blocks], first, load=False
+            )
+        req = self._requests.get(rid)
+        if req is None or not req.status.name == "RUNNING":
+            reason = "finished" if req is None else req.status.name.lower()
+            export.result = {"error": f"request is {reason}", "state": reason}
+            export.done.set()
+            return None
+        # While it decodes, only blocks that are complete after this step's forward are final.
+        n_full = (req.num_computed_tokens + out.num_scheduled_tokens.get(rid, 0)) // self._block_size
+        assert self._kv_cache_manager is not None
+        block_ids = list(self._kv_cache_manager.get_block_ids(rid)[0])
         first = export.first_block
         n_full = min(n_full, len(block_ids))
         export.result = {
             "blocks": max(n_full, first),
             "copied_blocks": max(0, n_full - first),
-            "token_ids": tokens[first * self._block_size : n_full * self._block_size],
-            "state": status,
+            "token_ids": list(req.all_token_ids)[first * self._block_size : n_full * self._block_size],
+            "state": "running",
         }
-        if n_full <= first and not export.final:
+        if n_full <= first:
             export.done.set()
             return None
         self._next_task += 1
