@@ -44,13 +44,17 @@ def accept(mid: str, blocks: int) -> pb.AcceptMigrationRequest:
     )
 
 
-async def test_a_committed_segment_counts_until_the_engine_removes_it(tmp_path: Path) -> None:
-    service = MigrationService(
+def inbound_service(shm_dir: Path, max_blocks: int) -> MigrationService:
+    return MigrationService(
         ConnectorAnswers(),  # type: ignore[arg-type]
-        shm_dir=tmp_path,
+        shm_dir=shm_dir,
         metrics=MigrationMetrics(CollectorRegistry()),
-        max_inbound_bytes=150 * LAYOUT.block_bytes,
+        max_inbound_bytes=max_blocks * LAYOUT.block_bytes,
     )
+
+
+async def test_a_committed_segment_counts_until_the_engine_removes_it(tmp_path: Path) -> None:
+    service = inbound_service(tmp_path, max_blocks=150)
     first = await service.AcceptMigration(accept("m1", 100), None)  # type: ignore[arg-type]
     assert first.accepted
     commit = await service.CommitMigration(
@@ -80,12 +84,7 @@ class AbortingContext:
 
 
 async def test_a_commit_takes_a_partial_last_block_and_names_a_wrong_token_count(tmp_path: Path) -> None:
-    service = MigrationService(
-        ConnectorAnswers(),  # type: ignore[arg-type]
-        shm_dir=tmp_path,
-        metrics=MigrationMetrics(CollectorRegistry()),
-        max_inbound_bytes=1000 * LAYOUT.block_bytes,
-    )
+    service = inbound_service(tmp_path, max_blocks=1000)
     context: Any = AbortingContext()
     block = LAYOUT.block_size
     counts = {"short": 2 * block, "long": 3 * block + 1, "partial": 2 * block + 5}
