@@ -243,6 +243,38 @@ async def test_failed_merge_rolls_back_and_both_serve_alone(pair: Pair, referenc
         assert await _all_at_once(server) == references["ids"]
 
 
+async def _engine_running(server: VllmServer) -> float:
+    """vLLM's own running-requests gauge, from the API server process: the scheduler's socket
+    thread shares the engine core's GIL with vLLM's busy loop and can answer late while it decodes."""
+    async with aiohttp.ClientSession() as session, session.get(server.url + "/metrics") as resp:
+        text = await resp.text()
+    values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+              if line.startswith("vllm:num_requests_running")]  # fmt: skip
+    assert values, "vLLM exports no vllm:num_requests_running"
+    return sum(values)
+
+
+async def test_a_busy_follower_is_refused_before_anything_pauses(
+    pair: Pair, references: dict[str, Any]
+) -> None:
+    """Only the leader's requests carry over: a follower with a request running is refused, at the
+    check or, when the check was answered before the request got there, right after the pause;
+    either way nothing stays paused or dropped, and its request ends with the reference's tokens."""
+    long_one = [(PROMPTS[0][0], 1000)]
+    busy = asyncio.create_task(_all_at_once(pair.follower, long_one))
+    deadline = time.monotonic() + 60
+    while not await _engine_running(pair.follower):
+        assert time.monotonic() < deadline and not busy.done(), "the follower never ran its request"
+        await asyncio.sleep(0.01)
+    with pytest.raises(PipelineSwitchError, match="the follower has 1 running") as refused:
+        await merge_pipeline(pair.leader_member, pair.follower_member)
+    assert refused.value.stage in ("check", "pause") and refused.value.paused == (), refused.value
+    for server, member in ((pair.leader, pair.leader_member), (pair.follower, pair.follower_member)):
+        assert (await _rpc(server, "slofleet_memory_status"))["dropped"] == []
+        assert (await _pipeline_info(member))["pipeline"]["role"] is None
+    assert await busy == await _one_by_one(pair.leader, long_one)
+
+
 async def test_split_with_requests_in_flight_drains_them_in_the_pipeline(
     pair: Pair, references: dict[str, Any]
 ) -> None:

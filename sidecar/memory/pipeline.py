@@ -205,6 +205,15 @@ def _with_problems(error: PipelineSwitchError, problems: list[str], paused: list
     return PipelineSwitchError(error.stage, detail, paused=tuple(paused))
 
 
+def _refuse_busy_follower(info: dict[str, Any], stage: str) -> None:
+    if info["running"] or info["waiting"]:
+        raise PipelineSwitchError(
+            stage, f"the follower has {info['running']} running and {info['waiting']} waiting "
+            "requests; only the leader's requests carry over (move the follower's to the "
+            "leader first, or pick an idle follower)",
+        )  # fmt: skip
+
+
 async def merge_pipeline(
     leader: PipelineMember,
     follower: PipelineMember,
@@ -229,12 +238,8 @@ async def merge_pipeline(
                 raise PipelineSwitchError("check", f"{m.role} scheduler has no pipeline support: {info}")
             if pipe.get("role") is not None:
                 raise PipelineSwitchError("check", f"{m.role} is already a pipeline {pipe['role']}")
-            if m is fol and (info["running"] or info["waiting"]):
-                raise PipelineSwitchError(
-                    "check", f"the follower has {info['running']} running and {info['waiting']} waiting "
-                    "requests; only the leader's requests carry over (move the follower's to the "
-                    "leader first, or pick an idle follower)",
-                )  # fmt: skip
+            if m is fol:
+                _refuse_busy_follower(info, "check")
         if infos[0]["pipeline"]["block_size"] != infos[1]["pipeline"]["block_size"]:
             sizes = [i["pipeline"]["block_size"] for i in infos]
             raise PipelineSwitchError("check", f"block sizes differ (leader, follower): {sizes}")
@@ -258,6 +263,10 @@ async def merge_pipeline(
         for m in (lead, fol):
             await m.pause("pause")
         paused_at = time.perf_counter()
+        # Checked again now that nothing steps: the check above may have been answered before a
+        # request reached the follower, which would then refuse to follow only after both engines
+        # dropped their layers; refusing here undoes nothing but the pause.
+        _refuse_busy_follower(await fol.sched({"op": "info"}, "pause"), "pause")
         stages["pause"] = paused_at - t
 
         t = time.perf_counter()
