@@ -15,7 +15,7 @@ request decodes on A all along: its slowdown is its mean inter-token time while 
 (the move's start to the moved request's last token on A) against the same before the move (from
 the moved request's first token on A); it is off unless `--bystander`, because on this 2-core box
 a third stream keeps A's API server and engine core busy on B's core too and slows every mode
-(recompute of 256 tokens went from ~0.16 s to 5-9 s). Every mode
+(on 2026-11-27's box, recompute of 256 tokens took 5.2-8.9 s with it and 4.4-4.8 s without). Every mode
 runs `--repeats` times; every run is printed, the table shows the median and the best. (With
 both engines bound to the same core, as vLLM's auto binding does, the client-side downtime was
 bimodal, tens of ms or 0.5-0.9 s, whatever the mode or length.) Ratios are against recompute and
