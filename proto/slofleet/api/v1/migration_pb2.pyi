@@ -270,7 +270,7 @@ class CommitMigrationRequest(_message.Message):
     """blocks 0..valid_blocks-1 are present"""
     @_builtins.property
     def token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
-        """the tokens those blocks hold (valid_blocks * block_size)"""
+        """the tokens whose KV those blocks hold; the last block may be partial"""
 
     def __init__(
         self,
