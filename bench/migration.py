@@ -253,10 +253,11 @@ async def main(args: argparse.Namespace) -> int:
             d, t, _, _ = rows[(length, mode)]
             slow = slowdowns[(length, mode)]
             slow_text = "-" if math.isnan(slow) else f"{slow * 100:+.1f} %"
+            vs_rec = "-" if math.isnan(rec) else f"{rec / d:.1f}x"
             base = rows[(lengths[0], mode)][0]
             print(
                 f"{length:>7} | {mode:<14} | {d * 1000:>11.1f} | {best[(length, mode)] * 1000:>8.1f} | "
-                f"{t * 1000:>9.1f} | {rec / d:>11.1f}x | {d / base:>6.2f}x | {slow_text:>9}"
+                f"{t * 1000:>9.1f} | {vs_rec:>12} | {d / base:>6.2f}x | {slow_text:>9}"
             )
     if 4096 in lengths and 8192 in lengths and lengths[0] == 256 and len(modes) == len(MODES):
         for name, table in (("median", {k: v[0] for k, v in rows.items()}), ("best", best)):
