@@ -30,6 +30,7 @@ import aiohttp
 import pytest
 from enginectl import PROJECT_ENGINE_ARGS, VllmServer, start_vllm
 
+from slofleet.sidecar.enginemetrics import parse_engine_metrics
 from slofleet.sidecar.memory.kv_grow import scheduler_command
 from slofleet.sidecar.memory.pipeline import (
     PipelineMember,
@@ -243,15 +244,11 @@ async def test_failed_merge_rolls_back_and_both_serve_alone(pair: Pair, referenc
         assert await _all_at_once(server) == references["ids"]
 
 
-async def _engine_running(server: VllmServer) -> float:
+async def _engine_running(server: VllmServer) -> int:
     """vLLM's own running-requests gauge, from the API server process: the scheduler's socket
     thread shares the engine core's GIL with vLLM's busy loop and can answer late while it decodes."""
     async with aiohttp.ClientSession() as session, session.get(server.url + "/metrics") as resp:
-        text = await resp.text()
-    values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-              if line.startswith("vllm:num_requests_running")]  # fmt: skip
-    assert values, "vLLM exports no vllm:num_requests_running"
-    return sum(values)
+        return parse_engine_metrics(await resp.text()).running_requests
 
 
 async def test_a_busy_follower_is_refused_before_anything_pauses(
