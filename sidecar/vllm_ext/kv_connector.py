@@ -361,42 +361,35 @@ class SlofleetMigrationConnector(KVConnectorBase_V1):
             # destination load every computed token and compute only the last one, whatever the
             # sequence length (vLLM takes a load that ends inside a block).
             held = self._held[rid]
-            valid = min(held.num_computed_tokens, len(held.token_ids))
-            n_blocks = min(-(-valid // self._block_size), len(held.block_ids))
-            first = export.first_block
-            export.result = {
-                "blocks": max(n_blocks, first),
-                "copied_blocks": max(0, n_blocks - first),
-                "token_ids": held.token_ids[first * self._block_size : valid],
-                "state": held.status,
-            }
-            self._next_task += 1
-            return CopyTask(
-                self._next_task, export.segment, held.block_ids[first:n_blocks], first, load=False
-            )
-        req = self._requests.get(rid)
-        if req is None or not req.status.name == "RUNNING":
-            reason = "finished" if req is None else req.status.name.lower()
-            export.result = {"error": f"request is {reason}", "state": reason}
-            export.done.set()
-            return None
-        # While it decodes, only blocks that are complete after this step's forward are final.
-        n_full = (req.num_computed_tokens + out.num_scheduled_tokens.get(rid, 0)) // self._block_size
-        assert self._kv_cache_manager is not None
-        block_ids = list(self._kv_cache_manager.get_block_ids(rid)[0])
+            end = min(held.num_computed_tokens, len(held.token_ids))
+            block_ids, tokens, status = held.block_ids, held.token_ids, held.status
+        else:
+            req = self._requests.get(rid)
+            if req is None or not req.status.name == "RUNNING":
+                reason = "finished" if req is None else req.status.name.lower()
+                export.result = {"error": f"request is {reason}", "state": reason}
+                export.done.set()
+                return None
+            # While it decodes, only blocks that are complete after this step's forward are final.
+            computed = req.num_computed_tokens + out.num_scheduled_tokens.get(rid, 0)
+            end = computed // self._block_size * self._block_size
+            assert self._kv_cache_manager is not None
+            block_ids = list(self._kv_cache_manager.get_block_ids(rid)[0])
+            tokens, status = list(req.all_token_ids), "running"
         first = export.first_block
-        n_full = min(n_full, len(block_ids))
+        n_blocks = min(-(-end // self._block_size), len(block_ids))
+        end = min(end, n_blocks * self._block_size)
         export.result = {
-            "blocks": max(n_full, first),
-            "copied_blocks": max(0, n_full - first),
-            "token_ids": list(req.all_token_ids)[first * self._block_size : n_full * self._block_size],
-            "state": "running",
+            "blocks": max(n_blocks, first),
+            "copied_blocks": max(0, n_blocks - first),
+            "token_ids": tokens[first * self._block_size : end],
+            "state": status,
         }
-        if n_full <= first:
+        if n_blocks <= first and not export.final:
             export.done.set()
             return None
         self._next_task += 1
-        return CopyTask(self._next_task, export.segment, block_ids[first:n_full], first, load=False)
+        return CopyTask(self._next_task, export.segment, block_ids[first:n_blocks], first, load=False)
 
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
         meta = connector_output.kv_connector_worker_meta
